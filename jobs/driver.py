@@ -1,0 +1,149 @@
+"""The driver: start or join Ray, score pending shards on the actor pool, then rank across shards.
+
+It plans and schedules; it never holds rows. What it keeps is one stats dict per shard.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import ray
+
+from jobs.finalize import finish_shard, rank_bucket
+from jobs.layout import OutputLayout
+from jobs.pool import ActorPool, actor_resources
+from jobs.storage import exists, list_dir
+from kernels.loading import model_provenance
+
+
+def connect(address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Workers import jobs/ and kernels/ from the installed package, or from `ray job submit --working-dir .`.
+    ray.init(address=address, include_dashboard=False if not address else None)
+
+
+def run_job(args, spec: dict, plan, layout: OutputLayout) -> dict:
+    from jobs.rerank import write_stats
+
+    t0 = time.perf_counter()
+    connect(args.address)
+    pending = [s.to_dict() for s in plan.shards if not exists(layout.scored(s.name))]
+    skipped = len(plan.shards) - len(pending)
+    if skipped:
+        print(f"resuming: {skipped} of {len(plan.shards)} shard(s) already committed", file=sys.stderr)
+    provenance = model_provenance(args.model, args.revision)
+    engine_info: dict = {}
+    failed: list[dict] = []
+    per_actor: dict[str, list[float]] = {}
+    ray_start_s = time.perf_counter() - t0
+    score_t0 = time.perf_counter()
+    if pending:
+        n, resources = actor_resources(args.num_actors)
+        pool = ActorPool(spec, n, resources, max_retries=args.max_shard_retries)
+        bar = _progress(sum(s["row_end"] - s["row_start"] for s in pending), args.quiet)
+
+        def on_done(stats: dict) -> None:
+            per_actor.setdefault(stats["actor"], [0, 0.0])
+            per_actor[stats["actor"]][0] += stats["rows_scored"]
+            per_actor[stats["actor"]][1] += stats["wall_s"]
+            bar.update(stats["rows_in"])
+
+        try:
+            failed = pool.run(pending, on_done)
+            infos = pool.actor_info()
+            engine_info = infos[0] if infos else {}
+            replaced = pool.replaced
+        finally:
+            pool.shutdown()  # frees the GPUs (and a CPU actor's cores) for the ranking pass
+            bar.close()
+    else:
+        replaced = 0
+    score_s = time.perf_counter() - score_t0
+    if not failed:
+        _finalize(spec, plan, layout, args.top_k)
+    stats = write_stats(layout, [s.name for s in plan.shards], failed)
+    totals = _check_totals(plan, stats, failed)
+    totals.update(wall_s=time.perf_counter() - t0, ray_start_s=ray_start_s, score_s=score_s,
+                  actors_replaced=replaced)
+    _summary(totals, per_actor, args.quiet)
+    return {"failed": failed, "totals": totals, "provenance": provenance, "engine": engine_info}
+
+
+def _finalize(spec: dict, plan, layout: OutputLayout, top_k: int | None) -> None:
+    """Rank every bucket of queries, then write each shard's final file (Ray tasks: scale with the cluster)."""
+    names = {s.seq: s.name for s in plan.shards}
+    by_bucket: dict[int, list[str]] = {}
+    for s in plan.shards:
+        keys_dir = layout.keys_dir(s.name)
+        for fname in list_dir(keys_dir):
+            by_bucket.setdefault(int(fname[1:6]), []).append(keys_dir.child(fname).uri)
+    rank = ray.remote(num_cpus=1, max_retries=2)(rank_bucket)
+    finish = ray.remote(num_cpus=1, max_retries=2)(finish_shard)
+    ray.get([rank.remote(spec["output"], b, by_bucket.get(b, []), names, top_k) for b in range(plan.buckets)])
+    ray.get([finish.remote(spec["output"], s.name) for s in plan.shards])
+
+
+def _check_totals(plan, stats, failed) -> dict:
+    """scored + rejected = input, per shard and in total; a mismatch is a bug, and the job says so."""
+    rows = stats.to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    by_name = {s.name: s for s in plan.shards}
+    for r in ok:
+        expect = by_name[r["shard"]].rows
+        if r["rows_in"] != expect or r["rows_scored"] + r["rows_rejected"] != expect:
+            raise AssertionError(f"shard {r['shard']}: {expect} input rows but {r['rows_in']} read, "
+                                 f"{r['rows_scored']} scored, {r['rows_rejected']} rejected")
+    totals = {
+        "rows_in": plan.total_rows,
+        "rows_scored": sum(r["rows_scored"] for r in ok),
+        "rows_rejected": sum(r["rows_rejected"] for r in ok),
+        "rows_not_rescored": sum(r["rows_not_rescored"] or 0 for r in ok),
+        "rows_in_failed_shards": sum(f["rows_in"] for f in failed),
+        "shards": len(plan.shards), "shards_failed": len(failed),
+        "retries": sum(max(0, (r["attempts"] or 1) - 1) for r in rows),
+        "real_tokens": sum(r["real_tokens"] or 0 for r in ok),
+        "computed_tokens": sum(r["computed_tokens"] or 0 for r in ok),
+    }
+    if not failed and totals["rows_scored"] + totals["rows_rejected"] != plan.total_rows:
+        raise AssertionError(f"{plan.total_rows} input rows but {totals['rows_scored']} scored + "
+                             f"{totals['rows_rejected']} rejected")
+    return totals
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, quiet: bool):
+    if quiet:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="pair", unit_scale=True, desc="rerank", file=sys.stderr, smoothing=0.1)
+
+
+def _summary(totals: dict, per_actor: dict, quiet: bool) -> None:
+    if quiet:
+        return
+    wall = totals["wall_s"]
+    scored = totals["rows_scored"]
+    lines = [
+        "", "crossrank summary",
+        f"  pairs in          {totals['rows_in']:>12,}",
+        f"  scored            {scored:>12,}",
+        f"  rejected          {totals['rows_rejected']:>12,}   (see OUT/rejects/, column reject_reason)",
+        f"  not rescored      {totals['rows_not_rescored']:>12,}   (below --rerank-depth)",
+        f"  shards            {totals['shards']:>12,}   failed {totals['shards_failed']}, retries {totals['retries']}",
+        f"  wall time         {wall:>12.1f} s  (Ray start {totals['ray_start_s']:.1f} s, scoring {totals['score_s']:.1f} s)",
+        f"  pairs/s overall   {scored / wall if wall else 0:>12,.0f}",
+    ]
+    for actor, (n, secs) in sorted(per_actor.items()):
+        lines.append(f"  pairs/s {actor:<24} {n / secs if secs else 0:>10,.0f}  ({n:,} pairs)")
+    print("\n".join(lines), file=sys.stderr)

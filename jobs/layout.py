@@ -1,0 +1,56 @@
+"""Where everything lives under --output. One place, so the worker, finalizer and driver agree."""
+from __future__ import annotations
+
+from jobs.storage import Location
+
+SCORES = "scores"  # final rescored shards, one file per input shard
+REJECTS = "rejects"  # rows that could not be scored, with reject_reason
+SHORTLISTS = "shortlists"  # --top-k: one row per query
+WORK = "_work"  # intermediate state that makes reruns resume; safe to delete once the job succeeded
+
+
+class OutputLayout:
+    def __init__(self, root: Location):
+        self.root = root
+
+    def scores(self, shard: str) -> Location:
+        return self.root.child(SCORES, f"{shard}.parquet")
+
+    def rejects(self, shard: str) -> Location:
+        return self.root.child(REJECTS, f"{shard}.parquet")
+
+    def scored(self, shard: str) -> Location:  # phase-1 output: scores, before cross-shard positions
+        return self.root.child(WORK, "scored", f"{shard}.parquet")
+
+    def keys_dir(self, shard: str) -> Location:
+        return self.root.child(WORK, "keys", shard)
+
+    def keys(self, shard: str, bucket: int) -> Location:
+        return self.root.child(WORK, "keys", shard, f"b{bucket:05d}.parquet")
+
+    def positions(self, shard: str, bucket: int) -> Location:
+        return self.root.child(WORK, "positions", shard, f"b{bucket:05d}.parquet")
+
+    def positions_dir(self, shard: str) -> Location:
+        return self.root.child(WORK, "positions", shard)
+
+    def bucket_done(self, bucket: int) -> Location:
+        return self.root.child(WORK, "positions", "_done", f"b{bucket:05d}.json")
+
+    def shard_stats(self, shard: str) -> Location:
+        return self.root.child(WORK, "stats", f"{shard}.json")
+
+    def shortlist(self, bucket: int) -> Location:
+        return self.root.child(SHORTLISTS, f"b{bucket:05d}.parquet")
+
+    @property
+    def plan(self) -> Location:
+        return self.root.child(WORK, "plan.json")
+
+    @property
+    def stats(self) -> Location:
+        return self.root.child("stats.parquet")
+
+    @property
+    def manifest(self) -> Location:
+        return self.root.child("manifest.json")

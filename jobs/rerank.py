@@ -1,0 +1,162 @@
+"""Rerank Parquet shortlists with a cross-encoder on a Ray actor pool.
+
+    python -m jobs.rerank --input shortlists/ --output out/ --model cross-encoder/ms-marco-MiniLM-L6-v2
+
+Connects to a running cluster (--address or RAY_ADDRESS), else starts Ray locally. Reruns resume: shards
+whose output is committed are skipped. See README.md for the input and output contracts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs import manifest as mf
+from jobs.layout import REJECTS, SCORES, SHORTLISTS, WORK, OutputLayout
+from jobs.plan import make_plan
+from jobs.storage import (
+    delete_dir, exists, list_dir, locate, read_json, remove_temporaries, write_json, write_parquet,
+)
+from schemas.contract import STATS_SCHEMA, ColumnMap, InputSchemaError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m jobs.rerank", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = ap.add_argument_group("input and output")
+    io.add_argument("--input", nargs="+", required=True, help="Parquet files, directories or globs; local or any pyarrow.fs URI")
+    io.add_argument("--output", required=True, help="output directory (local or URI); the job writes only under it")
+    io.add_argument("--query-col", default="query", help="column holding the query text")
+    io.add_argument("--doc-col", default="doc", help="column holding the passage text")
+    io.add_argument("--query-id-col", default="query_id", help="column holding the query id")
+    io.add_argument("--doc-id-col", default="doc_id", help="column holding the passage id")
+    io.add_argument("--first-stage-score-col", default="first_stage_score", help="column holding the retriever's score")
+    io.add_argument("--overwrite", action="store_true", help="redo everything instead of resuming")
+    io.add_argument("--shard-rows", type=int, default=500_000, help="most rows per shard (whole row groups)")
+    model = ap.add_argument_group("model")
+    model.add_argument("--model", required=True, help="Hugging Face id or local folder of a *ForSequenceClassification")
+    model.add_argument("--revision", default=None, help="hub branch, tag or commit to load")
+    model.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
+    model.add_argument("--max-length", type=int, default=None, help="longest pair in tokens (default: the model's limit)")
+    model.add_argument("--activation", choices=["identity", "sigmoid"], default="identity",
+                       help="identity = raw logits (default); scores are ordering signals either way")
+    eng = ap.add_argument_group("engine")
+    eng.add_argument("--engine", choices=["auto", "packed", "padded"], default="auto",
+                     help="packed = padding-free (auto picks it when the architecture allows)")
+    eng.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
+                     help="auto = float16 on CUDA, float32 on CPU")
+    eng.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
+    eng.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per forward pass")
+    eng.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    pool = ap.add_argument_group("cluster")
+    pool.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else start locally)")
+    pool.add_argument("--num-actors", type=int, default=None, help="default: one per GPU, or one CPU actor")
+    pool.add_argument("--max-shard-retries", type=int, default=2, help="retries of a failing shard before it is reported")
+    rank = ap.add_argument_group("ranking")
+    rank.add_argument("--rerank-depth", type=int, default=None,
+                      help="rescore only first_stage_rank <= K; deeper rows stay below, in first-stage order")
+    rank.add_argument("--top-k", type=int, default=None, help="also write OUT/shortlists/ cut at K per query")
+    rank.add_argument("--no-report", action="store_true", help="skip the evaluation report at the end")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap.parse_args(argv)
+
+
+def job_spec(args: argparse.Namespace) -> dict:
+    fault = {}
+    if os.environ.get("CROSSRANK_FAULT_POINT"):  # tests make workers die at a chosen point
+        fault = {"point": os.environ["CROSSRANK_FAULT_POINT"], "shard": os.environ.get("CROSSRANK_FAULT_SHARD", ""),
+                 "attempts": int(os.environ.get("CROSSRANK_FAULT_ATTEMPTS", "1"))}
+    engine = {"device": args.device, "dtype": args.dtype, "engine": args.engine, "max_length": args.max_length,
+              "max_batch_tokens": args.max_batch_tokens, "activation": args.activation,
+              "compile": False if args.no_compile else None}
+    if os.environ.get("CROSSRANK_FAULT_OOM_ABOVE_TOKENS"):
+        engine["extra"] = {"oom_above_tokens": int(os.environ["CROSSRANK_FAULT_OOM_ABOVE_TOKENS"])}
+    return {
+        "model": args.model, "revision": args.revision, "trust_remote_code": args.trust_remote_code,
+        "engine": engine, "output": args.output, "rerank_depth": args.rerank_depth, "fault": fault,
+        "columns": {"query_id": args.query_id_col, "query": args.query_col, "doc_id": args.doc_id_col,
+                    "doc": args.doc_col, "first_stage_score": args.first_stage_score_col},
+    }
+
+
+def prepare_output(layout: OutputLayout, plan, overwrite: bool) -> None:
+    """Start fresh, or resume the same job: refuse to mix the outputs of different inputs."""
+    if overwrite:
+        for sub in (SCORES, REJECTS, SHORTLISTS, WORK, "report"):
+            delete_dir(layout.root.child(sub))
+    elif exists(layout.plan):
+        previous = read_json(layout.plan)
+        if previous.get("fingerprint") != plan.fingerprint():
+            raise SystemExit(f"{layout.root.uri} holds the output of different inputs or shard sizes "
+                             f"(plan {previous.get('fingerprint')} vs now {plan.fingerprint()}): "
+                             "pass --overwrite or use another --output")
+    removed = remove_temporaries(layout.root) if exists(layout.root) else 0
+    if removed:
+        print(f"removed {removed} half-written file(s) left by an interrupted run", file=sys.stderr)
+    write_json({"fingerprint": plan.fingerprint(), "buckets": plan.buckets,
+                "shards": [s.to_dict() for s in plan.shards]}, layout.plan)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started, t0 = mf.now(), time.perf_counter()
+    cols = ColumnMap(query_id=args.query_id_col, query=args.query_col, doc_id=args.doc_id_col, doc=args.doc_col,
+                     first_stage_score=args.first_stage_score_col)
+    try:
+        plan = make_plan(args.input, cols, args.shard_rows)
+    except (InputSchemaError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.rerank_depth and any("first_stage_rank" not in c for c in plan.columns.values()):
+        print("error: --rerank-depth needs a first_stage_rank column in every input file", file=sys.stderr)
+        return 2
+    layout = OutputLayout(locate(args.output))
+    prepare_output(layout, plan, args.overwrite)
+    spec = {**job_spec(args), "buckets": plan.buckets}
+
+    from jobs.driver import run_job  # imports ray: after the cheap checks, so bad input fails fast
+
+    result = run_job(args, spec, plan, layout)
+    totals = result["totals"]
+    manifest = {
+        "status": "complete" if not result["failed"] else "incomplete",
+        "command": mf.command_line(), "started": started, "finished": mf.now(),
+        "wall_s": time.perf_counter() - t0, "model": result["provenance"], "engine": result["engine"],
+        "engine_config": spec["engine"], "libraries": mf.library_versions(), "code_revision": mf.code_revision(),
+        "inputs": plan.files, "plan_fingerprint": plan.fingerprint(), "shards": len(plan.shards),
+        "buckets": plan.buckets, "totals": totals, "failed_shards": [f["shard"] for f in result["failed"]],
+        "rerank_depth": args.rerank_depth, "top_k": args.top_k, "columns": spec["columns"],
+        "score_note": "raw cross-encoder logits (or their sigmoid): ordering signals within a query, not probabilities",
+    }
+    write_json(manifest, layout.manifest)
+    if result["failed"]:
+        print(f"\n{len(result['failed'])} shard(s) failed; rerun the same command to finish them:", file=sys.stderr)
+        for f in result["failed"]:
+            print(f"  {f['shard']} ({f['input_path']} rows {f['row_start']}-{f['row_end']}, "
+                  f"{f['attempts']} attempt(s)): {f['error']}", file=sys.stderr)
+        return 1
+    if not args.no_report:
+        try:
+            from jobs.report import write_report
+
+            write_report(args.output, quiet=args.quiet)
+        except Exception as e:  # the scores are committed; a report problem must not hide that
+            print(f"warning: report failed: {type(e).__name__}: {e}", file=sys.stderr)
+    return 0
+
+
+def write_stats(layout: OutputLayout, shard_names: list[str], failed: list[dict]) -> pa.Table:
+    rows = [read_json(layout.shard_stats(s)) for s in shard_names if exists(layout.shard_stats(s))]
+    failed_names = {f["shard"] for f in failed}
+    rows = [r for r in rows if r["shard"] not in failed_names] + failed
+    table = pa.Table.from_pylist([{k: r.get(k) for k in STATS_SCHEMA.names} for r in rows], schema=STATS_SCHEMA)
+    write_parquet(table, layout.stats)
+    return table
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Storage through `pyarrow.fs`: local paths and any URI it resolves (s3://, gs://, hdfs://).
+
+Writes are atomic: a file is written under a temporary name beside its target, then renamed, so a
+reader (or a rerun) sees either the whole file or none of it.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import uuid
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+TMP_MARK = ".tmp-"
+
+
+@dataclass(frozen=True)
+class Location:
+    fs: pafs.FileSystem
+    path: str  # path inside fs, no scheme
+    uri: str  # what the user wrote (or a child of it), for messages
+
+    def child(self, *parts: str) -> "Location":
+        sub = "/".join(p.strip("/") for p in parts)
+        return Location(self.fs, f"{self.path.rstrip('/')}/{sub}", f"{self.uri.rstrip('/')}/{sub}")
+
+
+def locate(uri: str) -> Location:
+    if "://" in uri:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        return Location(fs, path, uri)
+    path = os.path.abspath(uri)
+    return Location(pafs.LocalFileSystem(), path, path)
+
+
+def _has_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def list_parquet(inputs: list[str]) -> list[Location]:
+    """Every Parquet file named by the inputs (files, directories, globs), sorted, each once."""
+    found: dict[str, Location] = {}
+    for spec in inputs:
+        if _has_glob(spec):
+            head = spec[: min(spec.index(c) for c in "*?[" if c in spec)]
+            base = head.rsplit("/", 1)[0] if "/" in head else "."
+            root = locate(base)
+            pattern = locate(spec).path
+            infos = root.fs.get_file_info(pafs.FileSelector(root.path, recursive=True, allow_not_found=True))
+            hits = [i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, pattern)]
+            if not hits:
+                raise FileNotFoundError(f"--input {spec}: the pattern matches no file")
+            for i in hits:
+                found[i.path] = Location(root.fs, i.path, _uri_of(spec, root, i.path))
+            continue
+        loc = locate(spec)
+        info = loc.fs.get_file_info(loc.path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"--input {spec}: no such file or directory")
+        if info.type == pafs.FileType.Directory:
+            infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+            files = [i for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                     and not _hidden(i.path[len(loc.path):])]
+            if not files:
+                raise FileNotFoundError(f"--input {spec}: the directory holds no .parquet file")
+            for i in files:
+                found[i.path] = Location(loc.fs, i.path, _uri_of(spec, loc, i.path))
+        else:
+            found[loc.path] = loc
+    return [found[k] for k in sorted(found)]
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.strip("/").split("/"))
+
+
+def _uri_of(spec: str, root: Location, path: str) -> str:
+    if "://" in spec:
+        return f"{spec.split('://', 1)[0]}://{path}"
+    return path
+
+
+def exists(loc: Location) -> bool:
+    return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+
+
+def makedirs(loc: Location) -> None:
+    loc.fs.create_dir(loc.path, recursive=True)
+
+
+def list_dir(loc: Location) -> list[str]:
+    """Names of the entries in a directory (none if it does not exist), temporary files excluded."""
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
+    return sorted(i.base_name for i in infos if TMP_MARK not in i.base_name)
+
+
+def _atomic(loc: Location, write) -> None:
+    parent = loc.path.rsplit("/", 1)[0]
+    loc.fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/{TMP_MARK}{uuid.uuid4().hex[:12]}-{loc.path.rsplit('/', 1)[1]}"
+    try:
+        write(tmp)
+        loc.fs.move(tmp, loc.path)  # a rename on local disks and HDFS; on object stores a copy then delete
+    except BaseException:
+        try:
+            loc.fs.delete_file(tmp)
+        except Exception:
+            pass
+        raise
+
+
+def write_parquet(table: pa.Table, loc: Location) -> None:
+    def write(tmp: str) -> None:
+        with loc.fs.open_output_stream(tmp) as f:
+            pq.write_table(table, f, compression="zstd", row_group_size=128 * 1024)
+
+    _atomic(loc, write)
+
+
+def write_json(obj, loc: Location) -> None:
+    def write(tmp: str) -> None:
+        with loc.fs.open_output_stream(tmp) as f:
+            f.write(json.dumps(obj, indent=2, default=str).encode())
+
+    _atomic(loc, write)
+
+
+def read_json(loc: Location):
+    with loc.fs.open_input_stream(loc.path) as f:
+        return json.loads(f.read().decode())
+
+
+def read_parquet(loc: Location, columns: list[str] | None = None) -> pa.Table:
+    with loc.fs.open_input_file(loc.path) as f:
+        return pq.read_table(f, columns=columns)
+
+
+def remove_temporaries(loc: Location) -> int:
+    """Delete half-written files a killed run left under `loc`; returns how many."""
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
+    stale = [i.path for i in infos if i.type == pafs.FileType.File and TMP_MARK in i.base_name]
+    for p in stale:
+        loc.fs.delete_file(p)
+    return len(stale)
+
+
+def delete_dir(loc: Location) -> None:
+    if exists(loc):
+        loc.fs.delete_dir(loc.path)

@@ -1,0 +1,323 @@
+"""The engine: (query, passage) pairs in, float32 scores out, in input order. Usable without Ray.
+
+    engine = Engine.from_pretrained("cross-encoder/ms-marco-MiniLM-L6-v2")
+    scores, stats = engine.score(queries, passages)
+
+Pipeline per call: pairs are cut into chunks; worker threads tokenize chunk k+1 (Rust, GIL released) and
+lay out its batches in pinned host memory while the device runs chunk k. Batches are copied on a side
+stream, logits stay on the device until the chunk ends, then come back in one copy. A batch that runs out
+of device memory is split in two and retried, and the token budget is lowered for the rest of the call.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, asdict, field
+
+import numpy as np
+import torch
+
+from kernels.batching import LENGTH_BUCKETS, PACKED_TOTAL_MULTIPLE, padded_length, plan_batches
+from kernels.config import EngineConfig
+from kernels.loading import LoadedModel, cpu_threads, load_model, resolve_device, resolve_dtype
+from kernels.pairs import EncodedPairs, PairEncoder, scatter_segments as _gather
+
+MIN_BATCH_TOKENS = 256
+
+
+@dataclass
+class ScoreStats:
+    pairs: int = 0
+    duplicate_pairs: int = 0  # identical (query, passage) pairs scored once and the score shared
+    truncated_pairs: int = 0
+    real_tokens: int = 0
+    computed_tokens: int = 0  # tokens the device computed, padding included
+    batches: int = 0
+    tokenize_s: float = 0.0  # thread time spent tokenizing and laying out batches (overlaps model_s)
+    model_s: float = 0.0  # time the caller waited on the device loop
+    wall_s: float = 0.0
+    oom_splits: int = 0
+    max_batch_tokens: int = 0  # the budget in force at the end (lower than configured after an OOM)
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.real_tokens / self.computed_tokens if self.computed_tokens else 1.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "padding_efficiency": self.padding_efficiency}
+
+
+@dataclass
+class _HostBatch:
+    index: np.ndarray  # [B] positions of these pairs in the chunk
+    tensors: dict  # name -> CPU tensor (pinned on CUDA)
+    real_tokens: int
+    computed_tokens: int
+
+
+@dataclass
+class _Chunk:
+    start: int
+    enc: EncodedPairs
+    batches: list = field(default_factory=list)
+    tokenize_s: float = 0.0
+
+
+class InjectedOOM(torch.OutOfMemoryError):
+    """Raised by the fault-injection setting `oom_above_tokens`, so CPU tests exercise the OOM path."""
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, cfg: EngineConfig, device: torch.device, dtype: torch.dtype):
+        self.cfg = cfg
+        self.device = device
+        self.dtype = dtype
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.config = loaded.model.config
+        self.max_length = min(cfg.max_length or loaded.max_length, loaded.max_length)
+        self.encoder = PairEncoder(self.tokenizer, self.max_length)
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        self.label_index = 0 if self.config.num_labels == 1 else self.config.num_labels - 1
+        cuda = device.type == "cuda"
+        self.budget = cfg.max_batch_tokens or (16384 if cuda else 4096)
+        self.kind, self.packed, self.attention_backend = self._choose_engine(cfg.engine)
+        self.compiled = bool(cfg.compile if cfg.compile is not None else cuda)
+        # Fixed shapes (padded sequence count) only pay off when a compiled graph replays them.
+        self.static_shapes = self.compiled and cuda
+        self.buckets = LENGTH_BUCKETS if self.static_shapes else None
+        self._forward = self._packed_logits if self.kind == "packed" else self._padded_logits
+        if self.compiled:
+            self._forward = torch.compile(self._forward, mode=cfg.extra.get("compile_mode"))
+        self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        self.oom_above_tokens = int(cfg.extra.get("oom_above_tokens") or os.environ.get("CROSSRANK_FAULT_OOM_ABOVE_TOKENS", 0))
+        if not cuda:
+            torch.set_num_threads(cpu_threads())
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, cfg: EngineConfig | None = None, *, revision: str | None = None,
+                        trust_remote_code: bool = False) -> "Engine":
+        cfg = cfg or EngineConfig()
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        loaded = load_model(name_or_path, device=device, dtype=dtype, revision=revision,
+                            trust_remote_code=trust_remote_code)
+        return cls(loaded, cfg, device, dtype)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, tokenizer, cfg: EngineConfig | None = None) -> "Engine":
+        """Wrap an in-memory `*ForSequenceClassification` (benchmarks build random-weight models this way)."""
+        from kernels.loading import model_max_length
+
+        cfg = cfg or EngineConfig()
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        model = model.eval().to(device=device, dtype=dtype)
+        return cls(LoadedModel(model, tokenizer, model_max_length(model.config, tokenizer)), cfg, device, dtype)
+
+    def _choose_engine(self, wanted: str):
+        if wanted == "padded":
+            return "padded", None, "sdpa"
+        from kernels import packed
+
+        if not packed.supports(self.config):
+            if wanted == "packed":
+                raise packed.UnsupportedArchitecture(
+                    f"--engine packed does not support {self.config.model_type!r} "
+                    f"({', '.join(self.config.architectures or [])}); use --engine padded or auto")
+            return "padded", None, "sdpa"
+        model = packed.PackedCrossEncoder.from_hf(self.model).to(device=self.device, dtype=self.dtype).eval()
+        return "packed", model, model.attention_backend
+
+    def describe(self) -> dict:
+        """What scored: recorded in stats and the manifest."""
+        return {
+            "engine": self.kind,
+            "attention": self.attention_backend,
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "compiled": self.compiled,
+            "max_length": self.max_length,
+            "max_batch_tokens": self.budget,
+            "model_type": self.config.model_type,
+        }
+
+    # ---- forward passes (pure functions of tensors: the compiled region) ----
+    def _padded_logits(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+
+    def _packed_logits(self, input_ids, position_ids, cu_seqlens, token_type_ids=None, max_seqlen: int = 512):
+        return self.packed(input_ids, token_type_ids, position_ids, cu_seqlens, max_seqlen)
+
+    # ---- host-side batch layout (runs in tokenizer threads) ----
+    def _host_batch(self, enc: EncodedPairs, index: np.ndarray) -> _HostBatch:
+        lengths = enc.lengths[index]
+        starts = enc.offsets[:-1][index]
+        use_types = self.encoder.template.uses_token_types
+        if self.kind == "padded":
+            L = padded_length(int(lengths.max()), self.buckets)
+            B = len(index)
+            ids = np.full(B * L, self.pad_id, dtype=np.int64)
+            dst = np.arange(B, dtype=np.int64) * L
+            _gather(ids, dst, enc.ids, starts, lengths)
+            t = {"input_ids": ids.reshape(B, L),
+                 "attention_mask": (np.arange(L)[None, :] < lengths[:, None]).astype(np.int64)}
+            if use_types:
+                types = np.zeros(B * L, dtype=np.int64)
+                _gather(types, dst, enc.type_ids, starts, lengths)
+                t["token_type_ids"] = types.reshape(B, L)
+            computed = B * L
+        else:
+            from kernels.packed import position_ids_for
+
+            real = int(lengths.sum())
+            total = -(-real // PACKED_TOTAL_MULTIPLE) * PACKED_TOTAL_MULTIPLE
+            ids = np.full(total, self.pad_id, dtype=np.int64)
+            dst = np.cumsum(lengths) - lengths
+            _gather(ids, dst, enc.ids, starts, lengths)
+            seq_lens = lengths
+            if total > real:  # the padding tail forms dummy sequences (within the position table), dropped after
+                tail = total - real
+                seq_lens = np.append(seq_lens, [self.max_length] * (tail // self.max_length) + [tail % self.max_length])
+                seq_lens = seq_lens[seq_lens > 0]
+            if self.static_shapes:  # a fixed count of sequences: zero-length ones keep the shape constant
+                fixed = self.cfg.max_batch_size + 2 + PACKED_TOTAL_MULTIPLE // self.max_length
+                seq_lens = np.append(seq_lens, np.zeros(fixed - len(seq_lens), np.int64))
+            cu = np.zeros(len(seq_lens) + 1, dtype=np.int32)
+            np.cumsum(seq_lens, out=cu[1:])
+            t = {"input_ids": ids, "position_ids": np.asarray(position_ids_for(seq_lens, self.config), np.int64),
+                 "cu_seqlens": cu}
+            if use_types:
+                types = np.zeros(total, dtype=np.int64)
+                _gather(types, dst, enc.type_ids, starts, lengths)
+                t["token_type_ids"] = types
+            computed = total
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in t.items()}
+        if self.device.type == "cuda":
+            tensors = {k: v.pin_memory() for k, v in tensors.items()}
+        return _HostBatch(index=index, tensors=tensors, real_tokens=int(lengths.sum()), computed_tokens=computed)
+
+    def _prepare(self, start: int, queries: list[str], docs: list[str]) -> _Chunk:
+        t0 = time.perf_counter()
+        enc = self.encoder.encode(queries, docs)
+        plan = plan_batches(enc.lengths, self.budget, padded=self.kind == "padded",
+                            max_batch_size=self.cfg.max_batch_size, sort=self.cfg.bucketing, buckets=self.buckets)
+        chunk = _Chunk(start=start, enc=enc, batches=[self._host_batch(enc, b) for b in plan])
+        chunk.tokenize_s = time.perf_counter() - t0
+        return chunk
+
+    # ---- device side ----
+    def _to_device(self, hb: _HostBatch):
+        if self.copy_stream is None:
+            return hb.tensors, None
+        with torch.cuda.stream(self.copy_stream):
+            dev = {k: v.to(self.device, non_blocking=True) for k, v in hb.tensors.items()}
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        return dev, event
+
+    def _launch(self, hb: _HostBatch, dev: dict, event) -> torch.Tensor:
+        if event is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)
+            for v in dev.values():
+                v.record_stream(stream)
+        if self.oom_above_tokens and hb.computed_tokens > self.oom_above_tokens:
+            raise InjectedOOM(f"injected out-of-memory: batch of {hb.computed_tokens} tokens")
+        kwargs = dict(dev)
+        if self.kind == "packed":
+            kwargs["max_seqlen"] = padded_length(int(hb.tensors["cu_seqlens"].diff().max()))
+        logits = self._forward(**kwargs)[: len(hb.index), self.label_index]
+        return logits.float()
+
+    def _run_batch(self, enc: EncodedPairs, hb: _HostBatch, staged, stats: ScoreStats) -> list:
+        """Logits of one batch as [(index, logits)]; splits and retries on device out-of-memory."""
+        if hb.computed_tokens > self.budget and len(hb.index) > 1:
+            staged = None  # planned under a budget that has since been lowered: re-cut before running
+        else:
+            try:
+                dev, event = staged if staged is not None else self._to_device(hb)
+                logits = self._launch(hb, dev, event)
+                stats.batches += 1
+                stats.real_tokens += hb.real_tokens
+                stats.computed_tokens += hb.computed_tokens
+                return [(hb.index, logits)]
+            except torch.OutOfMemoryError:
+                if len(hb.index) == 1:
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                stats.oom_splits += 1
+                self.budget = max(MIN_BATCH_TOKENS, hb.computed_tokens // 2)
+        half = len(hb.index) // 2
+        out = []
+        for part in (hb.index[:half], hb.index[half:]):
+            out += self._run_batch(enc, self._host_batch(enc, part), None, stats)
+        return out
+
+    def _run_chunk(self, chunk: _Chunk, scores: np.ndarray, stats: ScoreStats) -> None:
+        results = []
+        staged = self._to_device(chunk.batches[0]) if chunk.batches else None
+        for k, hb in enumerate(chunk.batches):
+            current = staged
+            # Queue the next batch's copy before this batch's kernels, so the copy hides under compute.
+            staged = self._to_device(chunk.batches[k + 1]) if k + 1 < len(chunk.batches) else None
+            results += self._run_batch(chunk.enc, hb, current, stats)
+        if not results:
+            return
+        index = np.concatenate([i for i, _ in results])
+        logits = torch.cat([l for _, l in results])
+        if self.cfg.activation == "sigmoid":
+            logits = torch.sigmoid(logits)
+        scores[chunk.start + index] = logits.cpu().numpy()  # the one device->host copy of the chunk
+        stats.truncated_pairs += int(chunk.enc.truncated.sum())
+
+    @torch.inference_mode()
+    def score(self, queries: list[str], docs: list[str]) -> tuple[np.ndarray, ScoreStats]:
+        """Scores of pairs (queries[i], docs[i]) as float32 [N], in input order."""
+        t0 = time.perf_counter()
+        if len(queries) != len(docs):
+            raise ValueError(f"{len(queries)} queries but {len(docs)} passages")
+        stats = ScoreStats(pairs=len(queries))
+        seen: dict[tuple[str, str], int] = {}
+        inverse = np.fromiter((seen.setdefault(p, len(seen)) for p in zip(queries, docs)), np.int64, len(queries))
+        uq = [q for q, _ in seen]
+        ud = [d for _, d in seen]
+        stats.duplicate_pairs = len(queries) - len(uq)
+        scores = np.empty(len(uq), dtype=np.float32)
+        step = self.cfg.chunk_pairs
+        starts = list(range(0, len(uq), step))
+        with ThreadPoolExecutor(max(1, self.cfg.tokenizer_threads), thread_name_prefix="tokenize") as pool:
+            ahead = deque()
+            for s in starts[: max(1, self.cfg.tokenizer_threads)]:
+                ahead.append(pool.submit(self._prepare, s, uq[s : s + step], ud[s : s + step]))
+            submitted = len(ahead)
+            while ahead:
+                chunk = ahead.popleft().result()
+                if submitted < len(starts):
+                    s = starts[submitted]
+                    ahead.append(pool.submit(self._prepare, s, uq[s : s + step], ud[s : s + step]))
+                    submitted += 1
+                stats.tokenize_s += chunk.tokenize_s
+                tm = time.perf_counter()
+                self._run_chunk(chunk, scores, stats)
+                stats.model_s += time.perf_counter() - tm
+        stats.max_batch_tokens = self.budget
+        stats.wall_s = time.perf_counter() - t0
+        return scores[inverse], stats
+
+    def warmup(self, pairs: int = 0) -> float:
+        """Run every shape the planner tends to produce once (compiles them); returns seconds spent."""
+        t0 = time.perf_counter()
+        word = "warm"
+        for n_words in sorted({4, 16, 48, 120, self.max_length}):
+            count = max(2, min(self.cfg.max_batch_size, self.budget // max(8, n_words + 4)))
+            self.score([word] * count, [" ".join([word] * n_words) + f" {i}" for i in range(count)])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+

@@ -1,0 +1,100 @@
+"""Load a cross-encoder (Hugging Face id or local folder) and say exactly which weights scored."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPE_BY_NAME = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # *ForSequenceClassification, eval mode, on its device
+    tokenizer: object  # a fast tokenizer
+    max_length: int  # longest pair the model accepts (position table and tokenizer limit)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu" and dtype == "float16":
+        raise ValueError("float16 on CPU is slow and inexact; use float32 or bfloat16 there")
+    return DTYPE_BY_NAME[dtype]
+
+
+def model_max_length(config, tokenizer) -> int:
+    """The position table's usable length (RoBERTa's starts past the padding index), capped by the tokenizer."""
+    positions = getattr(config, "max_position_embeddings", 512)
+    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        positions -= (config.pad_token_id or 1) + 1
+    limit = getattr(tokenizer, "model_max_length", None) or positions
+    return int(min(positions, limit if limit < 1_000_000 else positions))
+
+
+def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, revision: str | None = None,
+               trust_remote_code: bool = False) -> LoadedModel:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{name_or_path}: crossrank needs a fast (Rust) tokenizer; none found")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path,
+        revision=revision,
+        trust_remote_code=trust_remote_code,  # remote code runs only when the user asked for it
+        dtype=dtype,
+        attn_implementation="sdpa",
+        use_safetensors=True,  # never unpickle weights
+    )
+    model.eval().to(device)
+    return LoadedModel(model=model, tokenizer=tokenizer, max_length=model_max_length(model.config, tokenizer))
+
+
+def model_provenance(name_or_path: str, revision: str | None = None) -> dict:
+    """What is needed to load the very same weights again: the resolved hub commit, or a hash of local files."""
+    out: dict = {"model": name_or_path, "requested_revision": revision}
+    path = Path(name_or_path)
+    if path.is_dir():
+        out["model_path"] = str(path.resolve())
+        out["weights_sha256"] = _hash_files(sorted(path.glob("*.safetensors")))
+        out["tokenizer_sha256"] = _hash_files(sorted(p for p in path.glob("*") if "tok" in p.name or p.name == "vocab.txt"))
+        out["resolved_revision"] = None
+        return out
+    from transformers import AutoConfig
+
+    # The hub commit the revision resolved to (from the local cache when offline): replays load exactly it.
+    cfg = AutoConfig.from_pretrained(name_or_path, revision=revision)
+    out["resolved_revision"] = getattr(cfg, "_commit_hash", None)
+    return out
+
+
+def _hash_files(paths: list[Path]) -> str | None:
+    if not paths:
+        return None
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def cpu_threads() -> int:
+    """Cores this process may use: OMP_NUM_THREADS when a scheduler (Ray) set it, else the affinity mask."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

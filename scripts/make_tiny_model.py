@@ -1,0 +1,116 @@
+"""Build tiny random-weight cross-encoders on disk, with no download.
+
+Each model is a real `transformers` sequence-classification checkpoint (num_labels=1) and a real fast
+tokenizer trained here on a small synthetic corpus, both written with `save_pretrained`, so the job loads
+them through the same `--model PATH` code path a user's Hugging Face checkpoint takes.
+
+Random weights give meaningless scores: these models exist to exercise code paths, never to rank.
+
+    python -m scripts.make_tiny_model OUT_DIR [--family bert|xlmr] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+_WORDS = (
+    "contract renewal approval cfo finance clause enterprise threshold expiry report quarter procurement "
+    "policy exception memo checklist deal vendor budget legal review signature owner region emea apac "
+    "refund invoice customer support ticket incident runbook dashboard deploy config service latency "
+    "query passage document retrieval rerank score rank model search answer question evidence the a of "
+    "to in for on with by is are was be this that which when who what where how new next last over under"
+).split()
+
+
+def _corpus(n_lines: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    extra = ["Ünïcödé", "naïve", "café", "日本語", "مرحبا", "emoji🙂", "x" * 25, "1234", "3.14"]
+    vocab = _WORDS + extra
+    return [" ".join(rng.choice(vocab) for _ in range(rng.randint(3, 30))) for _ in range(n_lines)]
+
+
+def _bert_tokenizer(seed: int):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    )
+    tok.train_from_iterator(_corpus(2000, seed), trainer)
+    return BertTokenizerFast(tokenizer_object=tok, model_max_length=128)
+
+
+def _xlmr_tokenizer(seed: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import XLMRobertaTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], unk_token="<unk>"
+    )
+    tok.train_from_iterator(_corpus(2000, seed), trainer)
+    return XLMRobertaTokenizerFast(tokenizer_object=tok, model_max_length=128)
+
+
+def make_tiny_model(out_dir: str | Path, family: str = "bert", seed: int = 0, max_length: int = 128) -> Path:
+    """Write a tiny random cross-encoder of `family` ("bert" or "xlmr") to `out_dir` and return the path."""
+    import torch
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        XLMRobertaConfig,
+        XLMRobertaForSequenceClassification,
+    )
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    shape = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=1,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    if family == "bert":
+        tokenizer = _bert_tokenizer(seed)
+        config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=max_length,
+                            pad_token_id=tokenizer.pad_token_id, **shape)
+        model = BertForSequenceClassification(config)
+    elif family == "xlmr":
+        tokenizer = _xlmr_tokenizer(seed)
+        # RoBERTa positions start after the padding index, so the table holds max_length + pad + 1 rows.
+        config = XLMRobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=max_length + 2,
+                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, type_vocab_size=1, **shape)
+        model = XLMRobertaForSequenceClassification(config)
+    else:
+        raise ValueError(f"unknown family {family!r}: expected 'bert' or 'xlmr'")
+    tokenizer.model_max_length = max_length
+    # Random init leaves LayerNorm at identity and biases at zero; perturb every tensor so parity tests
+    # would catch a dropped bias or a swapped norm.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out_dir")
+    ap.add_argument("--family", choices=["bert", "xlmr"], default="bert")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-length", type=int, default=128)
+    args = ap.parse_args()
+    print(make_tiny_model(args.out_dir, args.family, args.seed, args.max_length))
+
+
+if __name__ == "__main__":
+    main()
