@@ -54,7 +54,7 @@ def run_job(args, spec: dict, plan, layout: OutputLayout) -> dict:
         try:
             failed = pool.run(pending, on_done)
             infos = pool.actor_info()
-            engine_info = infos[0] if infos else {}
+            engine_info = {**(infos[0] if infos else {}), "actors": n, "actor_resources": resources}
             replaced = pool.replaced
         finally:
             pool.shutdown()  # frees the GPUs (and a CPU actor's cores) for the ranking pass

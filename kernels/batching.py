@@ -16,10 +16,10 @@ PACKED_TOTAL_MULTIPLE = 256
 
 
 def padded_length(n: int, buckets: tuple[int, ...] | None = LENGTH_BUCKETS) -> int:
-    """Smallest bucket >= n; past the last bucket, the next multiple of 64. Without buckets (eager
-    execution, where shapes cost nothing), the next multiple of 8."""
+    """Smallest bucket >= n; past the last bucket, the next multiple of 64. Without buckets (CPU, where a
+    new shape costs nothing), n itself."""
     if buckets is None:
-        return -(-n // 8) * 8
+        return n
     for b in buckets:
         if b >= n:
             return b

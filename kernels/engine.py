@@ -10,6 +10,7 @@ of device memory is split in two and retried, and the token budget is lowered fo
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
@@ -25,6 +26,7 @@ from kernels.loading import LoadedModel, cpu_threads, load_model, resolve_device
 from kernels.pairs import EncodedPairs, PairEncoder, scatter_segments as _gather
 
 MIN_BATCH_TOKENS = 256
+log = logging.getLogger("crossrank.engine")
 
 
 @dataclass
@@ -87,7 +89,7 @@ class Engine:
         self.compiled = bool(cfg.compile if cfg.compile is not None else cuda)
         # Fixed shapes (padded sequence count) only pay off when a compiled graph replays them.
         self.static_shapes = self.compiled and cuda
-        self.buckets = LENGTH_BUCKETS if self.static_shapes else None
+        self.buckets = LENGTH_BUCKETS if cuda else None  # bucketed shapes: compiled graphs and tensor cores
         self._forward = self._packed_logits if self.kind == "packed" else self._padded_logits
         if self.compiled:
             self._forward = torch.compile(self._forward, mode=cfg.extra.get("compile_mode"))
@@ -252,7 +254,10 @@ class Engine:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 stats.oom_splits += 1
-                self.budget = max(MIN_BATCH_TOKENS, hb.computed_tokens // 2)
+                before, self.budget = self.budget, max(MIN_BATCH_TOKENS, hb.computed_tokens // 2)
+                log.warning("device out of memory on a batch of %d pairs (%d tokens): split in two and retried; "
+                            "token budget %d -> %d for the rest of the call", len(hb.index), hb.computed_tokens,
+                            before, self.budget)
         half = len(hb.index) // 2
         out = []
         for part in (hb.index[:half], hb.index[half:]):

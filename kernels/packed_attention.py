@@ -1,0 +1,150 @@
+"""Bidirectional attention over packed sequences: flat `[T, 3, H, D]` QKV in, `[T, H, D]` out.
+
+Sequence i owns tokens `cu_seqlens[i]:cu_seqlens[i+1]` and attends only to them. Three backends, one chosen
+per (device, dtype) by `select_attention_backend` when the model is placed, never per layer:
+
+    torch_varlen  `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10), CUDA, fp16/bf16
+    flash_attn    `flash_attn.flash_attn_varlen_qkvpacked_func`, CUDA, fp16/bf16, when installed
+    sdpa_padded   anything else (CPU, fp32): gather into `[B, L, ...]`, masked SDPA, scatter back
+
+Each backend has `prepare(cu_seqlens, max_seqlen, num_tokens)`, run once per forward, whose result every
+layer's `attend(qkv, ctx)` reuses: the padded fallback computes its gather/scatter indices there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:  # torch >= 2.10; the GPU box has 2.11, whose keyword arguments differ from later ones: positional only
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
+except ImportError:  # pragma: no cover - depends on the torch build
+    _torch_varlen_attn = None
+
+BACKENDS = ("auto", "torch_varlen", "flash_attn", "sdpa_padded")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _flash_attn_varlen_qkvpacked():
+    try:
+        from flash_attn import flash_attn_varlen_qkvpacked_func
+    except Exception:  # ImportError, or a wheel built against another torch/CUDA
+        return None
+    return flash_attn_varlen_qkvpacked_func
+
+
+class TorchVarlen:
+    """PyTorch's own varlen flash kernel. Needs CUDA, fp16/bf16, head_dim a multiple of 8 up to 256."""
+
+    name = "torch_varlen"
+
+    def prepare(self, cu_seqlens: torch.Tensor, max_seqlen: int, num_tokens: int):
+        return cu_seqlens, max_seqlen  # int32 [B+1], python int
+
+    def attend(self, qkv: torch.Tensor, ctx) -> torch.Tensor:
+        cu, max_seqlen = ctx
+        q, k, v = qkv.unbind(1)  # 3 x [T, H, D], rows strided by 3*H*D, last dim contiguous
+        # Seven positional arguments: the only call that means the same on torch 2.10 through 2.13.
+        return _torch_varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen)  # [T, H, D]
+
+
+class FlashAttn:
+    """Dao-AILab flash-attn 2's varlen kernel on the packed QKV. Same limits as TorchVarlen."""
+
+    name = "flash_attn"
+
+    def __init__(self) -> None:
+        self._fn = _flash_attn_varlen_qkvpacked()
+        if self._fn is None:
+            raise RuntimeError("flash_attn is not importable")
+
+    def prepare(self, cu_seqlens: torch.Tensor, max_seqlen: int, num_tokens: int):
+        return cu_seqlens, max_seqlen
+
+    def attend(self, qkv: torch.Tensor, ctx) -> torch.Tensor:
+        cu, max_seqlen = ctx
+        return self._fn(qkv, cu, max_seqlen, dropout_p=0.0, causal=False)  # [T, H, D]
+
+
+@dataclass
+class _PaddedIndex:
+    gather: torch.Tensor  # [B, L] int64: flat token feeding slot (b, l); slots past a sequence's end read any token
+    key_mask: torch.Tensor  # [B, 1, 1, L] bool: True where slot (b, l) is a real key of sequence b
+    scatter: torch.Tensor  # [T] int64: slot b*L + l that flat token t came from
+    batch: int
+    length: int
+
+
+class PaddedSDPA:
+    """Correct everywhere: pad to `[B, L]` inside attention only, everything else stays flat.
+
+    The gather/scatter indices are built once per forward (`prepare`) and reused by every layer, so a layer
+    pays two index ops on top of `scaled_dot_product_attention`. L is the longest sequence of the batch when
+    running eagerly (one host sync, free on CPU) and `max_seqlen` under torch.compile, so shapes stay static.
+    """
+
+    name = "sdpa_padded"
+
+    def prepare(self, cu_seqlens: torch.Tensor, max_seqlen: int, num_tokens: int) -> _PaddedIndex:
+        cu = cu_seqlens.long()  # [B+1]
+        lengths = cu[1:] - cu[:-1]  # [B]
+        batch = lengths.shape[0]
+        if torch.compiler.is_compiling():
+            length = max_seqlen
+        else:
+            longest, total = int(lengths.max()), int(cu[-1])
+            if longest > max_seqlen:
+                raise ValueError(f"a sequence holds {longest} tokens, over max_seqlen={max_seqlen}")
+            if total != num_tokens:
+                raise ValueError(f"cu_seqlens ends at {total} but there are {num_tokens} tokens")
+            length = max(longest, 1)
+        slot = torch.arange(length, device=cu.device)  # [L]
+        gather = (cu[:-1, None] + slot[None, :]).clamp(max=max(num_tokens - 1, 0))  # [B, L]
+        # An empty sequence keeps slot 0 as its one key, so its (discarded) row stays finite rather than NaN.
+        key_mask = (slot[None, :] < lengths.clamp(min=1)[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        seq = torch.repeat_interleave(torch.arange(batch, device=cu.device), lengths, output_size=num_tokens)  # [T]
+        scatter = seq * length + torch.arange(num_tokens, device=cu.device) - cu[seq]  # [T]
+        return _PaddedIndex(gather, key_mask, scatter, batch, length)
+
+    def attend(self, qkv: torch.Tensor, ctx: _PaddedIndex) -> torch.Tensor:
+        T, _, H, D = qkv.shape
+        B, L = ctx.batch, ctx.length
+        x = qkv.reshape(T, 3 * H * D).index_select(0, ctx.gather.view(-1))  # [B*L, 3*H*D]
+        q, k, v = x.view(B, L, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, L, D]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.key_mask)  # [B, H, L, D]
+        out = out.transpose(1, 2).reshape(B * L, H, D)  # [B*L, H, D]
+        return out.index_select(0, ctx.scatter)  # [T, H, D]
+
+
+def _fast_kernel_ok(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    return device.type == "cuda" and dtype in _HALF and head_dim % 8 == 0 and head_dim <= 256
+
+
+def select_attention_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int, prefer: str = "auto"):
+    """The backend for weights on `device` in `dtype`: torch_varlen > flash_attn > sdpa_padded under "auto".
+
+    A named backend that cannot run there raises ValueError instead of silently falling back.
+    """
+    device = torch.device(device)
+    if prefer not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {prefer!r}")
+    fast_ok = _fast_kernel_ok(device, dtype, head_dim)
+    if prefer == "auto":
+        if fast_ok and _torch_varlen_attn is not None:
+            return TorchVarlen()
+        if fast_ok and _flash_attn_varlen_qkvpacked() is not None:
+            return FlashAttn()
+        return PaddedSDPA()
+    if prefer == "sdpa_padded":
+        return PaddedSDPA()
+    if not fast_ok:
+        raise ValueError(f"{prefer} needs CUDA, float16/bfloat16 and head_dim % 8 == 0 <= 256; "
+                         f"got {device.type}, {dtype}, head_dim={head_dim}")
+    if prefer == "torch_varlen":
+        if _torch_varlen_attn is None:
+            raise ValueError(f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (needs >= 2.10)")
+        return TorchVarlen()
+    if _flash_attn_varlen_qkvpacked() is None:
+        raise ValueError("flash_attn is not installed")
+    return FlashAttn()

@@ -1,0 +1,94 @@
+"""The engine against the reference: sentence-transformers CrossEncoder.predict on the same model and pairs."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from kernels.config import EngineConfig
+from kernels.engine import Engine
+from scripts.make_tiny_model import _WORDS
+
+
+def _pairs(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    rng = random.Random(seed)
+
+    def text(k):
+        return " ".join(rng.choice(_WORDS) for _ in range(k))
+
+    queries = [text(rng.randint(1, 12)) for _ in range(n // 10)]
+    # Shortlists: each query has ten candidates of mixed lengths, some far past max_length (128 here).
+    docs = [text(rng.choice([1, 3, 10, 30, 60, 120, 250])) for _ in range(n)]
+    return [queries[i // 10] for i in range(n)], docs
+
+
+def _reference(model_dir: str, queries, docs) -> np.ndarray:
+    from sentence_transformers import CrossEncoder
+
+    ce = CrossEncoder(model_dir, device="cpu", activation_fn=torch.nn.Identity())
+    return np.asarray(ce.predict(list(zip(queries, docs)), batch_size=32), dtype=np.float32)
+
+
+@pytest.mark.parametrize("family", ["bert", "xlmr"])
+@pytest.mark.parametrize("engine", ["padded", "packed"])
+def test_parity_with_sentence_transformers(family, engine, tiny_bert, tiny_xlmr):
+    model_dir = tiny_bert if family == "bert" else tiny_xlmr
+    queries, docs = _pairs(300, seed=1)
+    ref = _reference(model_dir, queries, docs)
+    # A small chunk and budget: many chunks, many batches, so order restoration is exercised.
+    eng = Engine.from_pretrained(model_dir, EngineConfig(engine=engine, max_batch_tokens=1024, chunk_pairs=64))
+    scores, stats = eng.score(queries, docs)
+    assert eng.kind == engine
+    assert scores.dtype == np.float32 and scores.shape == (300,)
+    np.testing.assert_allclose(scores, ref, atol=1e-4, rtol=0)
+    assert stats.truncated_pairs > 0  # pairs past max_length were part of the comparison
+    assert stats.pairs == 300 and stats.batches > 4
+    if engine == "packed":
+        assert stats.padding_efficiency > 0.9
+
+
+def test_auto_picks_packed_and_says_so(tiny_bert):
+    eng = Engine.from_pretrained(tiny_bert)
+    d = eng.describe()
+    assert (d["engine"], d["device"], d["dtype"], d["compiled"]) == ("packed", "cpu", "float32", False)
+
+
+def test_duplicate_pairs_scored_once_and_shared(tiny_bert):
+    eng = Engine.from_pretrained(tiny_bert)
+    queries, docs = ["q a"] * 4 + ["q b"], ["d"] * 4 + ["d"]
+    scores, stats = eng.score(queries, docs)
+    assert stats.duplicate_pairs == 3
+    assert len(set(scores[:4].tolist())) == 1 and scores[4] != scores[0]
+
+
+def test_sigmoid_activation(tiny_bert):
+    queries, docs = _pairs(20)
+    raw, _ = Engine.from_pretrained(tiny_bert).score(queries, docs)
+    sig, _ = Engine.from_pretrained(tiny_bert, EngineConfig(activation="sigmoid")).score(queries, docs)
+    np.testing.assert_allclose(sig, 1 / (1 + np.exp(-raw)), atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["padded", "packed"])
+def test_out_of_memory_splits_and_loses_nothing(engine, tiny_bert):
+    queries, docs = _pairs(200, seed=3)
+    clean, _ = Engine.from_pretrained(tiny_bert, EngineConfig(engine=engine, max_batch_tokens=4096)).score(queries, docs)
+    eng = Engine.from_pretrained(tiny_bert, EngineConfig(engine=engine, max_batch_tokens=4096,
+                                                        extra={"oom_above_tokens": 1000}))
+    scores, stats = eng.score(queries, docs)
+    np.testing.assert_allclose(scores, clean, atol=1e-5)
+    assert stats.oom_splits > 0
+    assert stats.max_batch_tokens < 4096  # the budget was lowered for the rest of the call
+
+
+def test_empty_input(tiny_bert):
+    scores, stats = Engine.from_pretrained(tiny_bert).score([], [])
+    assert scores.shape == (0,) and stats.pairs == 0
+
+
+def test_max_length_flag_caps_pairs(tiny_bert):
+    eng = Engine.from_pretrained(tiny_bert, EngineConfig(max_length=32))
+    queries, docs = _pairs(30)
+    enc = eng.encoder.encode(queries, docs)
+    assert enc.lengths.max() <= 32
