@@ -11,6 +11,7 @@ of device memory is split in two and retried, and the token budget is lowered fo
 from __future__ import annotations
 
 import logging
+import logging
 import os
 import time
 from collections import deque
@@ -26,6 +27,7 @@ from kernels.loading import LoadedModel, cpu_threads, load_model, resolve_device
 from kernels.pairs import EncodedPairs, PairEncoder, scatter_segments as _gather
 
 MIN_BATCH_TOKENS = 256
+log = logging.getLogger("crossrank.engine")
 log = logging.getLogger("crossrank.engine")
 
 
@@ -131,7 +133,40 @@ class Engine:
                     f"({', '.join(self.config.architectures or [])}); use --engine padded or auto")
             return "padded", None, "sdpa"
         model = packed.PackedCrossEncoder.from_hf(self.model).to(device=self.device, dtype=self.dtype).eval()
+        if self.device.type == "cuda":
+            for backend in (model.attention_backend, "sdpa_padded"):
+                problem = self._self_check(model.set_attention_backend(backend))
+                if problem is None:
+                    return "packed", model, model.attention_backend
+                log.warning("packed engine with %s attention failed its self-check (%s)", backend, problem)
+            if wanted == "packed":
+                raise RuntimeError("--engine packed failed its self-check on this device; see the log")
+            return "padded", None, "sdpa"
         return "packed", model, model.attention_backend
+
+    @torch.inference_mode()
+    def _self_check(self, model) -> str | None:
+        """Packed logits of a few odd-length pairs (and a zero-length dummy) against the HF model's own."""
+        from kernels.packed import position_ids_for
+
+        try:
+            lengths = np.array([5, 17, 1, 0], dtype=np.int64)
+            g = torch.Generator().manual_seed(0)
+            ids = torch.randint(5, min(100, self.config.vocab_size), (int(lengths.sum()),), generator=g)
+            cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+            types = torch.zeros_like(ids) if self.encoder.template.uses_token_types else None
+            dev = lambda t: None if t is None else t.to(self.device)  # noqa: E731
+            got = model(dev(ids), dev(types), dev(position_ids_for(lengths, self.config)), dev(cu), 32)[:3].float()
+            want = []
+            for a, b in zip(cu[:-2].tolist(), cu[1:-1].tolist()):
+                seq = ids[a:b][None].to(self.device)
+                kw = {"token_type_ids": torch.zeros_like(seq)} if types is not None else {}
+                want.append(self.model(input_ids=seq, **kw).logits[0].float())
+            want = torch.stack(want)
+            err = float((got - want).norm() / want.norm().clamp(min=1e-6))
+            return None if err < 2e-2 and torch.isfinite(got).all() else f"relative error {err:.3g}"
+        except Exception as e:  # a kernel this torch/GPU cannot run
+            return f"{type(e).__name__}: {e}"
 
     def describe(self) -> dict:
         """What scored: recorded in stats and the manifest."""
@@ -233,8 +268,19 @@ class Engine:
         kwargs = dict(dev)
         if self.kind == "packed":
             kwargs["max_seqlen"] = padded_length(int(hb.tensors["cu_seqlens"].diff().max()))
-        logits = self._forward(**kwargs)[: len(hb.index), self.label_index]
-        return logits.float()
+        try:
+            logits = self._forward(**kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            if not self.compiled:
+                raise
+            # A compiler failure must not sink a 100M-pair job: fall back to eager, say so in stats.
+            log.warning("torch.compile failed (%s: %s); running eagerly", type(e).__name__, e)
+            self.compiled = False
+            self._forward = self._packed_logits if self.kind == "packed" else self._padded_logits
+            logits = self._forward(**kwargs)
+        return logits[: len(hb.index), self.label_index].float()
 
     def _run_batch(self, enc: EncodedPairs, hb: _HostBatch, staged, stats: ScoreStats) -> list:
         """Logits of one batch as [(index, logits)]; splits and retries on device out-of-memory."""

@@ -92,3 +92,13 @@ def test_max_length_flag_caps_pairs(tiny_bert):
     queries, docs = _pairs(30)
     enc = eng.encoder.encode(queries, docs)
     assert enc.lengths.max() <= 32
+
+
+@pytest.mark.parametrize("family", ["bert", "xlmr"])
+def test_packed_self_check(family, tiny_bert, tiny_xlmr):
+    """The check CUDA runs before trusting a varlen kernel: it must pass on a correct model, fail on a broken one."""
+    eng = Engine.from_pretrained(tiny_bert if family == "bert" else tiny_xlmr)
+    assert eng._self_check(eng.packed) is None
+    with torch.no_grad():
+        eng.packed.state_dict()[next(k for k in eng.packed.state_dict() if "qkv.weight" in k)].mul_(3.0)
+    assert "relative error" in eng._self_check(eng.packed)
