@@ -59,6 +59,7 @@ class _HostBatch:
     tensors: dict  # name -> CPU tensor (pinned on CUDA)
     real_tokens: int
     computed_tokens: int
+    max_seqlen: int = 0  # packed: bound on every sequence's length, a bucket value so compiled graphs repeat
 
 
 @dataclass
@@ -216,13 +217,14 @@ class Engine:
             ids = np.full(total, self.pad_id, dtype=np.int64)
             dst = np.cumsum(lengths) - lengths
             _gather(ids, dst, enc.ids, starts, lengths)
-            seq_lens = lengths
-            if total > real:  # the padding tail forms dummy sequences (within the position table), dropped after
-                tail = total - real
-                seq_lens = np.append(seq_lens, [self.max_length] * (tail // self.max_length) + [tail % self.max_length])
-                seq_lens = seq_lens[seq_lens > 0]
+            # Every sequence, dummies included, must fit max_seqlen (the kernels size their tiles by it) and
+            # the position table: the padding tail is cut into dummy sequences no longer than the longest real one.
+            max_seqlen = padded_length(int(lengths.max()))
+            piece = min(max_seqlen, self.max_length)
+            tail = total - real
+            seq_lens = np.append(lengths, [piece] * (tail // piece) + ([tail % piece] if tail % piece else []))
             if self.static_shapes:  # a fixed count of sequences: zero-length ones keep the shape constant
-                fixed = self.cfg.max_batch_size + 2 + PACKED_TOTAL_MULTIPLE // self.max_length
+                fixed = self.cfg.max_batch_size + 2 + PACKED_TOTAL_MULTIPLE // LENGTH_BUCKETS[0]
                 seq_lens = np.append(seq_lens, np.zeros(fixed - len(seq_lens), np.int64))
             cu = np.zeros(len(seq_lens) + 1, dtype=np.int32)
             np.cumsum(seq_lens, out=cu[1:])
@@ -236,7 +238,8 @@ class Engine:
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in t.items()}
         if self.device.type == "cuda":
             tensors = {k: v.pin_memory() for k, v in tensors.items()}
-        return _HostBatch(index=index, tensors=tensors, real_tokens=int(lengths.sum()), computed_tokens=computed)
+        return _HostBatch(index=index, tensors=tensors, real_tokens=int(lengths.sum()), computed_tokens=computed,
+                          max_seqlen=max_seqlen if self.kind == "packed" else 0)
 
     def _prepare(self, start: int, queries: list[str], docs: list[str]) -> _Chunk:
         t0 = time.perf_counter()
@@ -267,7 +270,7 @@ class Engine:
             raise InjectedOOM(f"injected out-of-memory: batch of {hb.computed_tokens} tokens")
         kwargs = dict(dev)
         if self.kind == "packed":
-            kwargs["max_seqlen"] = padded_length(int(hb.tensors["cu_seqlens"].diff().max()))
+            kwargs["max_seqlen"] = hb.max_seqlen
         try:
             logits = self._forward(**kwargs)
         except torch.OutOfMemoryError:

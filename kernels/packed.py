@@ -5,17 +5,18 @@ A batch is every pair's tokens laid end to end, with no batch dimension and no a
     input_ids       [T] int64      all pairs' tokens, concatenated
     token_type_ids  [T] int64      or None (RoBERTa/XLM-R: a single type, row 0 of its table)
     position_ids    [T] int64      `position_ids_for(lengths, config)`
-    cu_seqlens      [B+1] int32    pair i owns tokens cu_seqlens[i]:cu_seqlens[i+1]; cu_seqlens[0] = 0, [-1] = T
+    cu_seqlens      [B+1] int32    pair i owns tokens cu_seqlens[i]:cu_seqlens[i+1]; [0] = 0, [-1] = T
     max_seqlen      python int     an upper bound on every length, so it may be a fixed bucket under compile
 
 and the result is logits `[B, num_labels]`, read off each pair's first token exactly as the HF head does.
 Embeddings, projections, MLPs and norms run on the T real tokens only; attention alone sees sequence
 boundaries (`kernels.packed_attention`).
 
-Shapes for the padded engine's compiler: the engine may pad T up to a fixed bucket with a dummy sequence of
-pad tokens, and pad B with zero-length sequences (repeated offsets). Both cost only their own rows: a
-zero-length pair's logits are garbage (finite, read from a neighbour token) and are the caller's to drop.
-`pad_lengths` builds such a length vector.
+Static shapes for torch.compile: the engine may pad T up to a fixed bucket with dummy sequences of pad
+tokens, and B with zero-length sequences (repeated offsets). Every sequence, dummies included, must be at
+most max_seqlen long: the fused kernels size their grids by it. Padding only costs its own rows: logits of
+dummy and zero-length sequences are garbage (a zero-length one reads a neighbour's token) for the caller to
+drop. `pad_lengths` builds such a length vector.
 
 Weights come from an already loaded `transformers` model by name (`from_hf`): our modules keep the HF
 checkpoint names, except that the base-model prefix ("bert." / "roberta.") is dropped and the query, key and
@@ -71,7 +72,7 @@ class PackedConfig:
 
     @classmethod
     def from_hf(cls, config) -> "PackedConfig":
-        """Read a `transformers` config; raise UnsupportedArchitecture for anything this forward would get wrong."""
+        """Read a `transformers` config; UnsupportedArchitecture for anything this forward would get wrong."""
         model_type = getattr(config, "model_type", None)
         arch = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
 
@@ -89,7 +90,8 @@ class PackedConfig:
         if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
             raise refuse("decoder / cross-attention configuration")
         if config.hidden_size % config.num_attention_heads:
-            raise refuse(f"hidden_size {config.hidden_size} not divisible by {config.num_attention_heads} heads")
+            raise refuse(f"hidden_size {config.hidden_size} not divisible by "
+                         f"{config.num_attention_heads} heads")
         act = config.hidden_act
         if isinstance(act, str) and act not in ACT2FN:
             raise refuse(f"hidden_act={act!r}")
@@ -143,7 +145,8 @@ def position_ids_for(lengths: np.ndarray | torch.Tensor, config) -> torch.Tensor
         lengths = lengths.long()
         total = int(lengths.sum())
         starts = torch.cumsum(lengths, 0) - lengths  # [B]
-        pos = torch.arange(total, device=lengths.device) - torch.repeat_interleave(starts, lengths, output_size=total)
+        pos = torch.arange(total, device=lengths.device)
+        pos = pos - torch.repeat_interleave(starts, lengths, output_size=total)
         longest = int(lengths.max()) if lengths.numel() else 0
     else:
         lengths = np.asarray(lengths, dtype=np.int64)
@@ -350,7 +353,7 @@ class PackedCrossEncoder(nn.Module):
         self.attention_backend: str = self.attn.name
 
     def set_attention_backend(self, name: str) -> "PackedCrossEncoder":
-        """Pin a backend ("auto", "torch_varlen", "flash_attn", "sdpa_padded"); ValueError if it cannot run."""
+        """Pin a backend ("auto", "torch_varlen", "flash_attn", "sdpa_padded"); ValueError if it can't run."""
         self._attention_choice = name
         self._select_attention()
         return self
@@ -427,7 +430,8 @@ class PackedCrossEncoder(nn.Module):
                     continue
                 tensor = torch.cat(shards.pop(name), dim=0)  # [3C, C] or [3C]
             if tuple(tensor.shape) != tuple(params[name].shape):
-                raise KeyError(f"{hf_name}: shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}")
+                want = tuple(params[name].shape)
+                raise KeyError(f"{hf_name}: shape {tuple(tensor.shape)}, expected {want}")
             self._set_param(name, tensor.detach())
             loaded.add(name)
         missing = sorted(set(params) - loaded)

@@ -69,7 +69,7 @@ class FlashAttn:
 
 @dataclass
 class _PaddedIndex:
-    gather: torch.Tensor  # [B, L] int64: flat token feeding slot (b, l); slots past a sequence's end read any token
+    gather: torch.Tensor  # [B, L] int64: flat token feeding slot (b, l); slots past a sequence's end: any
     key_mask: torch.Tensor  # [B, 1, 1, L] bool: True where slot (b, l) is a real key of sequence b
     scatter: torch.Tensor  # [T] int64: slot b*L + l that flat token t came from
     batch: int
@@ -103,7 +103,7 @@ class PaddedSDPA:
         gather = (cu[:-1, None] + slot[None, :]).clamp(max=max(num_tokens - 1, 0))  # [B, L]
         # An empty sequence keeps slot 0 as its one key, so its (discarded) row stays finite rather than NaN.
         key_mask = (slot[None, :] < lengths.clamp(min=1)[:, None])[:, None, None, :]  # [B, 1, 1, L]
-        seq = torch.repeat_interleave(torch.arange(batch, device=cu.device), lengths, output_size=num_tokens)  # [T]
+        seq = torch.arange(batch, device=cu.device).repeat_interleave(lengths, output_size=num_tokens)  # [T]
         scatter = seq * length + torch.arange(num_tokens, device=cu.device) - cu[seq]  # [T]
         return _PaddedIndex(gather, key_mask, scatter, batch, length)
 
@@ -121,7 +121,9 @@ def _fast_kernel_ok(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
     return device.type == "cuda" and dtype in _HALF and head_dim % 8 == 0 and head_dim <= 256
 
 
-def select_attention_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int, prefer: str = "auto"):
+def select_attention_backend(
+    device: torch.device | str, dtype: torch.dtype, head_dim: int, prefer: str = "auto"
+):
     """The backend for weights on `device` in `dtype`: torch_varlen > flash_attn > sdpa_padded under "auto".
 
     A named backend that cannot run there raises ValueError instead of silently falling back.
@@ -143,7 +145,7 @@ def select_attention_backend(device: torch.device | str, dtype: torch.dtype, hea
                          f"got {device.type}, {dtype}, head_dim={head_dim}")
     if prefer == "torch_varlen":
         if _torch_varlen_attn is None:
-            raise ValueError(f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (needs >= 2.10)")
+            raise ValueError(f"torch {torch.__version__} has no nn.attention.varlen.varlen_attn (needs >= 2.10)")
         return TorchVarlen()
     if _flash_attn_varlen_qkvpacked() is None:
         raise ValueError("flash_attn is not installed")

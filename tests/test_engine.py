@@ -102,3 +102,13 @@ def test_packed_self_check(family, tiny_bert, tiny_xlmr):
     with torch.no_grad():
         eng.packed.state_dict()[next(k for k in eng.packed.state_dict() if "qkv.weight" in k)].mul_(3.0)
     assert "relative error" in eng._self_check(eng.packed)
+
+
+def test_packed_fixed_shapes_layout_keeps_scores(tiny_bert):
+    """The CUDA-compiled layout (fixed sequence count, zero-length and dummy sequences), checked on CPU."""
+    queries, docs = _pairs(120, seed=5)
+    plain, _ = Engine.from_pretrained(tiny_bert, EngineConfig(engine="packed")).score(queries, docs)
+    eng = Engine.from_pretrained(tiny_bert, EngineConfig(engine="packed", max_batch_size=64))
+    eng.static_shapes = True
+    scores, _ = eng.score(queries, docs)
+    np.testing.assert_allclose(scores, plain, atol=1e-5)
