@@ -40,6 +40,8 @@ def run_job(args, spec: dict, plan, layout: OutputLayout) -> dict:
     per_actor: dict[str, list[float]] = {}
     ray_start_s = time.perf_counter() - t0
     score_t0 = time.perf_counter()
+    score_t0_mono = time.monotonic()  # the pool stamps its first ready actor on this clock
+    first_ready = None
     if pending:
         n, resources = actor_resources(args.num_actors)
         pool = ActorPool(spec, n, resources, max_retries=args.max_shard_retries)
@@ -56,18 +58,24 @@ def run_job(args, spec: dict, plan, layout: OutputLayout) -> dict:
             infos = pool.actor_info()
             engine_info = {**(infos[0] if infos else {}), "actors": n, "actor_resources": resources}
             replaced = pool.replaced
+            first_ready = pool.first_ready
         finally:
             pool.shutdown()  # frees the GPUs (and a CPU actor's cores) for the ranking pass
             bar.close()
     else:
         replaced = 0
-    score_s = time.perf_counter() - score_t0
+    score_end = time.perf_counter()
+    score_s = score_end - score_t0
+    actor_start_s = min(first_ready - score_t0_mono, score_s) if first_ready else 0.0  # reported apart
+    fin_t0 = time.perf_counter()
     if not failed:
         _finalize(spec, plan, layout, args.top_k)
+    finalize_s = time.perf_counter() - fin_t0
     stats = write_stats(layout, [s.name for s in plan.shards], failed)
     totals = _check_totals(plan, stats, failed)
     totals.update(wall_s=time.perf_counter() - t0, ray_start_s=ray_start_s, score_s=score_s,
-                  actors_replaced=replaced)
+                  actor_start_s=actor_start_s, score_after_ready_s=score_s - actor_start_s,
+                  finalize_s=finalize_s, actors_replaced=replaced)
     _summary(totals, per_actor, args.quiet)
     return {"failed": failed, "totals": totals, "provenance": provenance, "engine": engine_info}
 
@@ -141,7 +149,9 @@ def _summary(totals: dict, per_actor: dict, quiet: bool) -> None:
         f"  rejected          {totals['rows_rejected']:>12,}   (see OUT/rejects/, column reject_reason)",
         f"  not rescored      {totals['rows_not_rescored']:>12,}   (below --rerank-depth)",
         f"  shards            {totals['shards']:>12,}   failed {totals['shards_failed']}, retries {totals['retries']}",
-        f"  wall time         {wall:>12.1f} s  (Ray start {totals['ray_start_s']:.1f} s, scoring {totals['score_s']:.1f} s)",
+        f"  wall time         {wall:>12.1f} s  (Ray start {totals['ray_start_s']:.1f} s, actor start and model "
+        f"load {totals['actor_start_s']:.1f} s, scoring {totals['score_after_ready_s']:.1f} s, "
+        f"ranking {totals['finalize_s']:.1f} s)",
         f"  pairs/s overall   {scored / wall if wall else 0:>12,.0f}",
     ]
     for actor, (n, secs) in sorted(per_actor.items()):

@@ -1,0 +1,92 @@
+"""The job around the engine: does `jobs.rerank` keep the engine busy? (issue target: >= 0.85x)
+
+Measures, on the same model and the same pairs, side by side in one run:
+  engine   in-process `Engine.score` pairs/s (the anchor of this comparison; model load apart)
+  job      `python -m jobs.rerank` pairs/s over the time after the first actor was ready (Ray start-up,
+           actor start and model load reported apart), ranking pass included
+
+    python -m scripts.bench_job [--pairs 20000] [--shape tinybert-l2] [--mix msmarco]
+
+Random weights (the shape of cross-encoder/ms-marco-TinyBERT-L2-v2 by default, fast enough for a CPU box);
+the pairs and tokenizer come from jobs.bench_data, so lengths are realistic.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SHAPES = {
+    "tinybert-l2": dict(family="bert", hidden=128, layers=2, heads=2, intermediate=512, vocab=30522, positions=512),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=20_000)
+    ap.add_argument("--shape", default="tinybert-l2", help=f"{list(SHAPES)} or a jobs.bench_models shape")
+    ap.add_argument("--mix", default="msmarco")
+    ap.add_argument("--shard-rows", type=int, default=5_000)
+    args = ap.parse_args()
+
+    from jobs.bench_data import build_tokenizer, make_pairs
+    from jobs.bench_models import build_model
+    from kernels.engine import Engine
+
+    work = Path(tempfile.mkdtemp(prefix="crossrank-bench-job-"))
+    shape = SHAPES.get(args.shape, args.shape)
+    tokenizer = build_tokenizer("wordpiece")
+    model_dir = work / "model"
+    build_model(shape, tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    pairs = make_pairs(args.pairs, mix=args.mix)
+    n = len(pairs)
+    table = pa.table({"query_id": pairs.query_ids, "query": pairs.queries,
+                      "doc_id": list(range(n)), "doc": pairs.docs})
+    inp = work / "pairs.parquet"
+    pq.write_table(table, inp, row_group_size=1000)
+
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(str(model_dir))
+    load_s = time.perf_counter() - t0
+    engine.score(pairs.queries[:256], pairs.docs[:256])  # warm caches, as the job's actor has by then
+    _, stats = engine.score(pairs.queries, pairs.docs)
+    engine_pps = n / stats.wall_s
+    del engine
+
+    out = work / "out"
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "jobs.rerank", "--input", str(inp), "--output", str(out), "--model",
+                    str(model_dir), "--no-report", "--quiet", "--shard-rows", str(args.shard_rows)],
+                   check=True, env=env)
+    job_wall = time.perf_counter() - t0
+    totals = json.loads((out / "manifest.json").read_text())["totals"]
+    busy = totals["score_after_ready_s"] + totals["finalize_s"]
+    job_pps = n / busy
+    rows = [
+        ("pairs", f"{n:,}", ""),
+        ("engine in-process", f"{engine_pps:,.0f} pairs/s", f"model load {load_s:.1f} s (apart)"),
+        ("job (after first actor ready)", f"{job_pps:,.0f} pairs/s",
+         f"scoring {totals['score_after_ready_s']:.1f} s + ranking pass {totals['finalize_s']:.1f} s"),
+        ("job / engine", f"{job_pps / engine_pps:.2f}x", "target >= 0.85"),
+        ("job start-up (apart)", f"{totals['ray_start_s'] + totals['actor_start_s']:.1f} s",
+         f"Ray {totals['ray_start_s']:.1f} s + actor start and model load {totals['actor_start_s']:.1f} s"),
+        ("job wall, whole command", f"{job_wall:.1f} s", "incl. Python and Ray start-up"),
+    ]
+    w = max(len(r[0]) for r in rows)
+    print(f"\n{'measure':<{w}}  {'value':>18}  note")
+    for name, value, note in rows:
+        print(f"{name:<{w}}  {value:>18}  {note}")
+
+
+if __name__ == "__main__":
+    main()
