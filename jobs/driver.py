@@ -68,19 +68,18 @@ def run_job(args, spec: dict, plan, layout: OutputLayout) -> dict:
     score_s = score_end - score_t0
     actor_start_s = min(first_ready - score_t0_mono, score_s) if first_ready else 0.0  # reported apart
     fin_t0 = time.perf_counter()
-    if not failed:
-        _finalize(spec, plan, layout, args.top_k)
+    collapsed = _finalize(spec, plan, layout, args.top_k) if not failed else 0
     finalize_s = time.perf_counter() - fin_t0
     stats = write_stats(layout, [s.name for s in plan.shards], failed)
     totals = _check_totals(plan, stats, failed)
     totals.update(wall_s=time.perf_counter() - t0, ray_start_s=ray_start_s, score_s=score_s,
                   actor_start_s=actor_start_s, score_after_ready_s=score_s - actor_start_s,
-                  finalize_s=finalize_s, actors_replaced=replaced)
+                  finalize_s=finalize_s, actors_replaced=replaced, docs_collapsed=collapsed)
     _summary(totals, per_actor, args.quiet)
     return {"failed": failed, "totals": totals, "provenance": provenance, "engine": engine_info}
 
 
-def _finalize(spec: dict, plan, layout: OutputLayout, top_k: int | None) -> None:
+def _finalize(spec: dict, plan, layout: OutputLayout, top_k: int | None) -> int:
     """Rank every bucket of queries, then write each shard's final file (Ray tasks: scale with the cluster)."""
     names = {s.seq: s.name for s in plan.shards}
     by_bucket: dict[int, list[str]] = {}
@@ -90,8 +89,9 @@ def _finalize(spec: dict, plan, layout: OutputLayout, top_k: int | None) -> None
             by_bucket.setdefault(int(fname[1:6]), []).append(keys_dir.child(fname).uri)
     rank = ray.remote(num_cpus=1, max_retries=2)(rank_bucket)
     finish = ray.remote(num_cpus=1, max_retries=2)(finish_shard)
-    ray.get([rank.remote(spec["output"], b, by_bucket.get(b, []), names, top_k) for b in range(plan.buckets)])
+    ranked = ray.get([rank.remote(spec["output"], b, by_bucket.get(b, []), names, top_k) for b in range(plan.buckets)])
     ray.get([finish.remote(spec["output"], s.name) for s in plan.shards])
+    return sum(r.get("docs_collapsed", 0) for r in ranked)
 
 
 def _check_totals(plan, stats, failed) -> dict:

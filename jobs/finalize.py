@@ -14,9 +14,10 @@ import pyarrow as pa
 
 from jobs.layout import OutputLayout
 from jobs.storage import exists, list_dir, locate, read_parquet, write_json, write_parquet
-from jobs.worker import ROW, SEQ
+from jobs.worker import DOC_HASH, ROW, SEQ
 from schemas.contract import (
-    DOC_ID, FIRST_STAGE_RANK, FIRST_STAGE_SCORE, QUERY_ID, RERANK_POSITION, RESCORED, SCORE,
+    DOC_ID, DUPLICATE_DOC_IDS, DUPLICATE_OF, FIRST_STAGE_RANK, FIRST_STAGE_SCORE, QUERY_ID, RERANK_POSITION,
+    RESCORED, SCORE,
 )
 
 
@@ -29,21 +30,44 @@ def first_stage_rank(df: pl.DataFrame) -> pl.DataFrame:
     return df.with_columns((pl.int_range(pl.len()).over(QUERY_ID) + 1).cast(pl.Int32).alias(FIRST_STAGE_RANK))
 
 
+def collapse_duplicates(df: pl.DataFrame) -> pl.DataFrame:
+    """--dedupe-docs: within a query, passages with identical text are one passage. The best first-stage
+    ranked id is kept (and lists the others in duplicate_doc_ids); the others name it in duplicate_of and
+    are ranked after every kept passage, never dropped."""
+    df = df.sort([QUERY_ID, FIRST_STAGE_RANK, DOC_ID, SEQ])
+    df = df.with_columns(
+        pl.col(DOC_ID).first().over([QUERY_ID, DOC_HASH]).alias("_kept_id"),
+        (pl.int_range(pl.len()).over([QUERY_ID, DOC_HASH]) > 0).alias("_is_dup"))
+    others = (df.filter(pl.col("_is_dup")).group_by([QUERY_ID, DOC_HASH], maintain_order=True)
+              .agg(pl.col(DOC_ID).alias(DUPLICATE_DOC_IDS)))
+    df = df.join(others, on=[QUERY_ID, DOC_HASH], how="left", maintain_order="left")
+    return df.with_columns(
+        pl.when(pl.col("_is_dup")).then(pl.col("_kept_id")).otherwise(None).alias(DUPLICATE_OF),
+        pl.when(pl.col("_is_dup")).then(None).otherwise(pl.col(DUPLICATE_DOC_IDS)).alias(DUPLICATE_DOC_IDS),
+    ).drop("_kept_id")
+
+
 def rerank_positions(df: pl.DataFrame) -> pl.DataFrame:
     """Position 1 = best: rescored rows by score (desc), ties by first-stage rank, then doc_id, then input
-    order; rows below --rerank-depth (score null) after them in first-stage order. A NaN score sorts last."""
-    df = df.with_columns(pl.col(SCORE).fill_nan(None).alias("_sort_score"))
-    df = df.sort([QUERY_ID, "_sort_score", FIRST_STAGE_RANK, DOC_ID, SEQ],
-                 descending=[False, True, False, False, False], nulls_last=True)
-    return df.with_columns((pl.int_range(pl.len()).over(QUERY_ID) + 1).cast(pl.Int32).alias(RERANK_POSITION)).drop("_sort_score")
+    order; rows below --rerank-depth (score null) after them in first-stage order; collapsed duplicates
+    (--dedupe-docs) after all of those. A NaN score sorts last."""
+    dup = pl.col("_is_dup") if "_is_dup" in df.columns else pl.lit(False)
+    df = df.with_columns(pl.col(SCORE).fill_nan(None).alias("_sort_score"), dup.alias("_sort_dup"))
+    df = df.sort([QUERY_ID, "_sort_dup", "_sort_score", FIRST_STAGE_RANK, DOC_ID, SEQ],
+                 descending=[False, False, True, False, False, False], nulls_last=True)
+    df = df.with_columns((pl.int_range(pl.len()).over(QUERY_ID) + 1).cast(pl.Int32).alias(RERANK_POSITION))
+    return df.drop("_sort_score", "_sort_dup")
 
 
 def shortlists(df: pl.DataFrame, top_k: int) -> pl.DataFrame:
     """One row per query: ids, scores and first-stage ranks in reranked order, cut at top_k."""
+    if "_is_dup" in df.columns:
+        df = df.filter(~pl.col("_is_dup"))
     top = df.filter(pl.col(RERANK_POSITION) <= top_k).sort([QUERY_ID, RERANK_POSITION])
+    extra = [pl.col(DUPLICATE_DOC_IDS).alias("duplicate_doc_ids")] if DUPLICATE_DOC_IDS in df.columns else []
     return top.group_by(QUERY_ID, maintain_order=True).agg(
         pl.col(DOC_ID).alias("doc_ids"), pl.col(SCORE).alias("scores"),
-        pl.col(FIRST_STAGE_RANK).alias("first_stage_ranks"), pl.col(RESCORED).alias("rescored"))
+        pl.col(FIRST_STAGE_RANK).alias("first_stage_ranks"), pl.col(RESCORED).alias("rescored"), *extra)
 
 
 def rank_bucket(output: str, bucket: int, key_files: list[str], shard_by_seq: dict[int, str], top_k: int | None) -> dict:
@@ -56,15 +80,20 @@ def rank_bucket(output: str, bucket: int, key_files: list[str], shard_by_seq: di
         write_json({"bucket": bucket, "rows": 0}, done)
         return {"bucket": bucket, "rows": 0}
     df = pl.from_arrow(pa.concat_tables(tables, promote_options="permissive"))
-    df = rerank_positions(first_stage_rank(df))
+    df = first_stage_rank(df)
+    if DOC_HASH in df.columns:
+        df = collapse_duplicates(df)
+    df = rerank_positions(df)
     df = df.with_columns((pl.col(SEQ) // (1 << 32)).alias("_shard_seq"))
+    carried = [ROW, RERANK_POSITION, FIRST_STAGE_RANK] + [c for c in (DUPLICATE_OF, DUPLICATE_DOC_IDS) if c in df.columns]
     for (seq,), part in df.group_by("_shard_seq"):
-        out = part.select(ROW, RERANK_POSITION, FIRST_STAGE_RANK).sort(ROW)
+        out = part.select(carried).sort(ROW)
         write_parquet(out.to_arrow(), layout.positions(shard_by_seq[int(seq)], bucket))
     if top_k:
         write_parquet(shortlists(df, top_k).to_arrow(), layout.shortlist(bucket))
-    write_json({"bucket": bucket, "rows": df.height}, done)  # the bucket's commit, written last
-    return {"bucket": bucket, "rows": df.height}
+    collapsed = int(df["_is_dup"].sum()) if "_is_dup" in df.columns else 0
+    write_json({"bucket": bucket, "rows": df.height, "docs_collapsed": collapsed}, done)  # the bucket's commit, last
+    return {"bucket": bucket, "rows": df.height, "docs_collapsed": collapsed}
 
 
 def finish_shard(output: str, shard: str) -> dict:
@@ -75,22 +104,23 @@ def finish_shard(output: str, shard: str) -> dict:
     scored = read_parquet(layout.scored(shard))
     parts = [read_parquet(layout.positions_dir(shard).child(n)) for n in list_dir(layout.positions_dir(shard))]
     n = scored.num_rows
-    pos = np.zeros(n, dtype=np.int32)
-    fsr = np.zeros(n, dtype=np.int32)
-    seen = np.zeros(n, dtype=np.int64)
-    for p in parts:
-        rows = p[ROW].to_numpy()
-        pos[rows] = p[RERANK_POSITION].to_numpy()
-        fsr[rows] = p[FIRST_STAGE_RANK].to_numpy()
-        np.add.at(seen, rows, 1)
-    if n and not (seen == 1).all():
-        raise AssertionError(f"shard {shard}: {int((seen == 0).sum())} rows lack a position and "
-                             f"{int((seen > 1).sum())} have several")
+    if parts:
+        pos = pa.concat_tables(parts, promote_options="permissive")
+        pos = pos.take(pa.array(np.argsort(pos[ROW].to_numpy(), kind="stable")))
+    else:
+        pos = pa.table({ROW: pa.array([], pa.int64()), RERANK_POSITION: pa.array([], pa.int32()),
+                        FIRST_STAGE_RANK: pa.array([], pa.int32())})
+    if not np.array_equal(pos[ROW].to_numpy(), np.arange(n)):  # each row exactly once, or refuse to commit
+        raise AssertionError(f"shard {shard}: {n} scored rows but positions for rows "
+                             f"{pos[ROW].to_numpy()[:10].tolist()}... ({pos.num_rows} in all)")
     out = scored.drop_columns([ROW])
     if FIRST_STAGE_RANK in out.column_names:
-        out = out.set_column(out.column_names.index(FIRST_STAGE_RANK), FIRST_STAGE_RANK, pa.array(fsr))
+        out = out.set_column(out.column_names.index(FIRST_STAGE_RANK), FIRST_STAGE_RANK, pos[FIRST_STAGE_RANK])
     else:
-        out = out.append_column(FIRST_STAGE_RANK, pa.array(fsr))
-    out = out.append_column(RERANK_POSITION, pa.array(pos))
+        out = out.append_column(FIRST_STAGE_RANK, pos[FIRST_STAGE_RANK])
+    out = out.append_column(RERANK_POSITION, pos[RERANK_POSITION])
+    for col in (DUPLICATE_OF, DUPLICATE_DOC_IDS):
+        if col in pos.column_names:
+            out = out.append_column(col, pos[col])
     write_parquet(out, final)
     return {"shard": shard, "rows": n}

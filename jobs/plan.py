@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, asdict
 
 import pyarrow.parquet as pq
@@ -17,12 +18,15 @@ from jobs.storage import Location, list_parquet
 from schemas.contract import ColumnMap, InputSchemaError, check_consistency, check_file_schema
 
 KEY_ROWS_PER_BUCKET = 2_000_000  # rows of (query_id, doc_id, score, ...) one finalize task holds at once
+FILE_SEQ_BITS = 14  # shard seq = file index << 14 | shard within the file (see Shard.seq)
 
 
 @dataclass(frozen=True)
 class Shard:
     name: str
-    seq: int  # position of this shard in the plan: orders rows globally (for input-order tie breaks)
+    # Orders rows globally (input-order tie breaks): file index << FILE_SEQ_BITS | shard index within the file,
+    # so fixing one file (an unreadable one is one shard until it is readable) renumbers no other file's shards.
+    seq: int
     uri: str
     path: str  # inside the filesystem
     row_groups: tuple[int, ...]
@@ -44,6 +48,45 @@ class Plan:
     buckets: int  # queries are hashed into this many groups for the cross-shard ranking pass
     total_rows: int
     columns: dict  # file uri -> column names
+
+    def to_json(self) -> dict:
+        """What OUT/_work/plan.json holds: enough for a rerun to tell whether it may resume."""
+        return {"fingerprint": self.fingerprint(), "buckets": self.buckets, "files": self.files,
+                "shards": [s.to_dict() for s in self.shards]}
+
+    def resume_problem(self, previous: dict, committed) -> str | None:
+        """Why the work of `previous` (a plan.json) cannot be resumed under this plan; None when it can.
+
+        `committed(name)` says whether a shard's scored output exists. Resuming is safe when every shard of the
+        previous plan is still planned (so nothing it left is orphaned), every committed one is the very same
+        shard (same file with the same size and rows, same row groups, same place in the global order), queries
+        hash into as many buckets, and shards are added only while some previous shard is still uncommitted
+        (once all were, the cross-shard ranking may be done). So a rerun after an unreadable file is fixed
+        redoes only that file.
+        """
+        if previous.get("fingerprint") == self.fingerprint():
+            return None
+        now = {s.name: s.to_dict() for s in self.shards}
+        files_before = {f["uri"]: (f.get("bytes"), f.get("rows")) for f in previous.get("files") or []}
+        files_now = {f["uri"]: (f.get("bytes"), f.get("rows")) for f in self.files}
+        old_shards = previous.get("shards") or []
+        missing = [s["name"] for s in old_shards if s["name"] not in now]
+        if missing:  # its outputs (rejects of a failed attempt, say) would be left over
+            return f"shard {missing[0]} of the earlier run is not in this plan"
+        done = [s for s in old_shards if committed(s["name"])]
+        if not done:
+            return None  # nothing committed: every shard runs again and overwrites what it left
+        if previous.get("buckets") != self.buckets:
+            return f"queries hashed into {previous.get('buckets')} buckets then, {self.buckets} now"
+        for s in done:
+            cur = now[s["name"]]
+            if "files" not in previous or files_before.get(s["uri"]) != files_now.get(s["uri"]):
+                return f"{s['uri']} changed since shard {s['name']} was committed"
+            if {k: cur[k] for k in s} != {**s, "row_groups": tuple(s["row_groups"])}:
+                return f"shard {s['name']} covers other rows now"
+        if len(done) == len(old_shards) and len(now) != len(old_shards):
+            return "the earlier run had committed every shard, and this plan adds shards"
+        return None
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -82,10 +125,16 @@ def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int) -> Plan:
 
     shards: list[Shard] = []
     file_rows = []
-    for uri, (loc, meta) in metas.items():
+    for file_index, (uri, (loc, meta)) in enumerate(metas.items()):
         size = loc.fs.get_file_info(loc.path).size
+        first = len(shards)
+
+        def add(start: int, groups: list[int], rows: int) -> None:
+            seq = (file_index << FILE_SEQ_BITS) + len(shards) - first
+            shards.append(Shard(shard_name(uri, start), seq, uri, loc.path, tuple(groups), start, start + rows))
+
         if isinstance(meta, str):  # unreadable: one shard that will fail with its error
-            shards.append(Shard(shard_name(uri, 0), len(shards), uri, loc.path, (), 0, 0))
+            add(0, [], 0)
             file_rows.append({"uri": uri, "bytes": size, "rows": None, "error": meta})
             continue
         file_rows.append({"uri": uri, "bytes": size, "rows": meta.num_rows})
@@ -93,12 +142,16 @@ def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int) -> Plan:
         for g in range(meta.num_row_groups):
             n = meta.row_group(g).num_rows
             if groups and rows + n > shard_rows:
-                shards.append(Shard(shard_name(uri, start), len(shards), uri, loc.path, tuple(groups), start, start + rows))
+                add(start, groups, rows)
                 start, groups, rows = start + rows, [], 0
             groups.append(g)
             rows += n
         if groups or meta.num_rows == 0:
-            shards.append(Shard(shard_name(uri, start), len(shards), uri, loc.path, tuple(groups), start, start + rows))
+            add(start, groups, rows)
+    per_file = max(Counter(s.uri for s in shards).values(), default=0)
+    if per_file > 1 << FILE_SEQ_BITS or len(metas) >= 1 << (31 - FILE_SEQ_BITS):
+        # Past the stable numbering's range (rows carry seq << 32 in an int64): number shards densely instead.
+        shards = [Shard(s.name, i, s.uri, s.path, s.row_groups, s.row_start, s.row_end) for i, s in enumerate(shards)]
     total = sum(s.rows for s in shards)
     buckets = max(1, min(1024, math.ceil(total / KEY_ROWS_PER_BUCKET)))
     return Plan(shards=shards, files=file_rows, buckets=buckets, total_rows=total,

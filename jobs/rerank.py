@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rank = ap.add_argument_group("ranking")
     rank.add_argument("--rerank-depth", type=int, default=None,
                       help="rescore only first_stage_rank <= K; deeper rows stay below, in first-stage order")
+    rank.add_argument("--dedupe-docs", action="store_true",
+                      help="collapse identical passage texts under different ids within a query (best-ranked id kept)")
     rank.add_argument("--top-k", type=int, default=None, help="also write OUT/shortlists/ cut at K per query")
     rank.add_argument("--no-report", action="store_true", help="skip the evaluation report at the end")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -70,6 +72,8 @@ def job_spec(args: argparse.Namespace) -> dict:
     if os.environ.get("CROSSRANK_FAULT_POINT"):  # tests make workers die at a chosen point
         fault = {"point": os.environ["CROSSRANK_FAULT_POINT"], "shard": os.environ.get("CROSSRANK_FAULT_SHARD", ""),
                  "attempts": int(os.environ.get("CROSSRANK_FAULT_ATTEMPTS", "1"))}
+    if os.environ.get("CROSSRANK_FAULT_SLEEP_S"):  # tests slow shards down to act on them mid-flight
+        fault.update(sleep_s=float(os.environ["CROSSRANK_FAULT_SLEEP_S"]), shard=os.environ.get("CROSSRANK_FAULT_SHARD", ""))
     engine = {"device": args.device, "dtype": args.dtype, "engine": args.engine, "max_length": args.max_length,
               "max_batch_tokens": args.max_batch_tokens, "activation": args.activation,
               "compile": False if args.no_compile else None}
@@ -77,28 +81,38 @@ def job_spec(args: argparse.Namespace) -> dict:
         engine["extra"] = {"oom_above_tokens": int(os.environ["CROSSRANK_FAULT_OOM_ABOVE_TOKENS"])}
     return {
         "model": args.model, "revision": args.revision, "trust_remote_code": args.trust_remote_code,
-        "engine": engine, "output": args.output, "rerank_depth": args.rerank_depth, "fault": fault,
+        "engine": engine, "output": args.output, "rerank_depth": args.rerank_depth,
+        "dedupe_docs": args.dedupe_docs, "fault": fault,
         "columns": {"query_id": args.query_id_col, "query": args.query_col, "doc_id": args.doc_id_col,
                     "doc": args.doc_col, "first_stage_score": args.first_stage_score_col},
     }
 
 
-def prepare_output(layout: OutputLayout, plan, overwrite: bool) -> None:
-    """Start fresh, or resume the same job: refuse to mix the outputs of different inputs."""
+def scoring_options(args: argparse.Namespace) -> dict:
+    """What decides a row's score and position: a rerun must match it to reuse committed shards."""
+    return {"model": args.model, "revision": args.revision, "max_length": args.max_length,
+            "activation": args.activation, "rerank_depth": args.rerank_depth, "dedupe_docs": args.dedupe_docs}
+
+
+def prepare_output(layout: OutputLayout, plan, overwrite: bool, options: dict | None = None) -> None:
+    """Start fresh, or resume the same job: refuse to mix the outputs of different inputs or settings."""
     if overwrite:
         for sub in (SCORES, REJECTS, SHORTLISTS, WORK, "report"):
             delete_dir(layout.root.child(sub))
     elif exists(layout.plan):
-        previous = read_json(layout.plan)
-        if previous.get("fingerprint") != plan.fingerprint():
+        problem = plan.resume_problem(read_json(layout.plan), lambda name: exists(layout.scored(name)))
+        if problem:
             raise SystemExit(f"{layout.root.uri} holds the output of different inputs or shard sizes "
-                             f"(plan {previous.get('fingerprint')} vs now {plan.fingerprint()}): "
+                             f"({problem}): pass --overwrite or use another --output")
+        previous = read_json(layout.plan).get("options")
+        if options is not None and previous is not None and previous != options:
+            changed = sorted(k for k in options if previous.get(k) != options[k])
+            raise SystemExit(f"{layout.root.uri} was written with other settings ({', '.join(changed)}): "
                              "pass --overwrite or use another --output")
     removed = remove_temporaries(layout.root) if exists(layout.root) else 0
     if removed:
         print(f"removed {removed} half-written file(s) left by an interrupted run", file=sys.stderr)
-    write_json({"fingerprint": plan.fingerprint(), "buckets": plan.buckets,
-                "shards": [s.to_dict() for s in plan.shards]}, layout.plan)
+    write_json({**plan.to_json(), "options": options}, layout.plan)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --rerank-depth needs a first_stage_rank column in every input file", file=sys.stderr)
         return 2
     layout = OutputLayout(locate(args.output))
-    prepare_output(layout, plan, args.overwrite)
+    prepare_output(layout, plan, args.overwrite, scoring_options(args))
     spec = {**job_spec(args), "buckets": plan.buckets}
 
     from jobs.driver import run_job  # imports ray: after the cheap checks, so bad input fails fast

@@ -9,6 +9,7 @@ existence is the shard's commit: a rerun skips exactly the shards that have it.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
@@ -20,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.layout import OutputLayout
-from jobs.storage import locate, write_json, write_parquet
+from jobs.storage import list_dir, locate, write_json, write_parquet
 from schemas.contract import (
     DOC, DOC_ID, FIRST_STAGE_RANK, FIRST_STAGE_SCORE, LABEL, QUERY, QUERY_ID, RESCORED, SCORE, ColumnMap,
     split_rejects, to_canonical,
@@ -29,6 +30,13 @@ from schemas.contract import (
 ROW = "_row"  # row index within the shard's scored file
 SEQ = "_seq"  # global input order: shard seq << 32 | row in shard (tie break of last resort)
 BUCKET = "_bucket"
+DOC_HASH = "_doc_hash"  # 64-bit hash of the passage text (--dedupe-docs)
+
+
+def _text_hashes(texts: list[str]) -> np.ndarray:
+    """A stable 64-bit hash of each text (blake2b), the same in every process and every run."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little", signed=True)
+                        for t in texts), np.int64, len(texts))
 
 
 def query_buckets(query_ids: pa.ChunkedArray | pa.Array, buckets: int) -> np.ndarray:
@@ -123,13 +131,27 @@ class ShardWorker:
         names = [QUERY_ID, DOC_ID, SCORE, RESCORED] + [c for c in (FIRST_STAGE_SCORE, FIRST_STAGE_RANK, LABEL)
                                                       if c in scored.column_names]
         keys = scored.select(names + [ROW])
+        if self.spec.get("dedupe_docs"):  # passage identity by text, for collapsing duplicates within a query
+            keys = keys.append_column(DOC_HASH, pa.array(_text_hashes(scored[DOC].to_pylist()), pa.int64()))
         keys = keys.append_column(SEQ, pa.array((np.int64(shard["seq"]) << 32) + np.arange(keys.num_rows, dtype=np.int64)))
         b = query_buckets(keys[QUERY_ID], buckets)
+        written = set()
         for bucket in np.unique(b):
-            write_parquet(keys.filter(pa.array(b == bucket)), self.layout.keys(shard["name"], int(bucket)))
+            loc = self.layout.keys(shard["name"], int(bucket))
+            write_parquet(keys.filter(pa.array(b == bucket)), loc)
+            written.add(loc.path.rsplit("/", 1)[-1])
+        # An attempt over other content (a since-fixed input file) may have left keys for other buckets: they
+        # go, after the new ones are in place (an attempt still running elsewhere writes the same files).
+        keys_dir = self.layout.keys_dir(shard["name"])
+        for name in list_dir(keys_dir):
+            if name not in written:
+                keys_dir.fs.delete_file(keys_dir.child(name).path)
 
     def _maybe_fail(self, shard: dict, attempt: int, point: str) -> None:
-        """Fault injection for tests: die like a crashed process at a chosen point, first attempt only."""
+        """Fault injection for tests: die like a crashed process at a chosen point, on the first `attempts`
+        attempts; with `sleep_s`, first pause that long before scoring (so a test can act mid-shard)."""
         fault = self.spec.get("fault") or {}
+        if point == "before_score" and fault.get("sleep_s") and fault.get("shard", "") in shard["name"]:
+            time.sleep(float(fault["sleep_s"]))
         if fault.get("point") == point and fault.get("shard", "") in shard["name"] and attempt <= fault.get("attempts", 1):
             os._exit(fault.get("exit_code", 17))

@@ -11,7 +11,6 @@ of device memory is split in two and retried, and the token budget is lowered fo
 from __future__ import annotations
 
 import logging
-import logging
 import os
 import time
 from collections import deque
@@ -27,7 +26,6 @@ from kernels.loading import LoadedModel, cpu_threads, load_model, resolve_device
 from kernels.pairs import EncodedPairs, PairEncoder, scatter_segments as _gather
 
 MIN_BATCH_TOKENS = 256
-log = logging.getLogger("crossrank.engine")
 log = logging.getLogger("crossrank.engine")
 
 

@@ -30,6 +30,8 @@ OUTPUT_ADDED = pa.schema([
     pa.field(RERANK_POSITION, pa.int32()),
     pa.field(FIRST_STAGE_RANK, pa.int32()),
 ])
+DUPLICATE_OF = "duplicate_of"  # --dedupe-docs: the kept doc_id this passage's identical text collapsed into
+DUPLICATE_DOC_IDS = "duplicate_doc_ids"  # --dedupe-docs: on the kept row, the ids collapsed into it
 REJECT_REASON = "reject_reason"
 SOURCE_ROW = "source_row"  # row index within the input file, so a reject can be found at its source
 REJECTS_ADDED = pa.schema([pa.field(REJECT_REASON, pa.string()), pa.field(SOURCE_ROW, pa.int64())])
@@ -74,12 +76,18 @@ class ColumnMap:
         return [self.renames.get(n, n) for n in names]
 
 
+def _plain(t: pa.DataType) -> pa.DataType:
+    """A dictionary-encoded column (pandas category, Polars Categorical) as the type of its values."""
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
 def _is_text(t: pa.DataType) -> bool:
+    t = _plain(t)
     return pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _: False)(t)
 
 
 def _is_id(t: pa.DataType) -> bool:
-    return _is_text(t) or pa.types.is_integer(t)
+    return _is_text(t) or pa.types.is_integer(_plain(t))
 
 
 def _is_number(t: pa.DataType) -> bool:
@@ -92,7 +100,7 @@ _EXPECTED = {
     FIRST_STAGE_SCORE: (_is_number, "float"), FIRST_STAGE_RANK: (pa.types.is_integer, "integer"),
     LABEL: (_is_number, "number"),
 }
-_OURS = {SCORE, RESCORED, RERANK_POSITION, REJECT_REASON, SOURCE_ROW}
+_OURS = {SCORE, RESCORED, RERANK_POSITION, REJECT_REASON, SOURCE_ROW, DUPLICATE_OF, DUPLICATE_DOC_IDS}
 
 
 def check_file_schema(path: str, schema: pa.Schema, cols: ColumnMap) -> list[str]:
@@ -127,7 +135,7 @@ def check_consistency(schemas: dict[str, pa.Schema], cols: ColumnMap) -> list[st
         kinds = {}
         for path, s in schemas.items():
             if user in s.names:
-                kinds.setdefault("integer" if pa.types.is_integer(s.field(user).type) else "string", []).append(path)
+                kinds.setdefault("integer" if pa.types.is_integer(_plain(s.field(user).type)) else "string", []).append(path)
         if len(kinds) > 1:
             problems.append(f"column '{user}' is integer in {kinds['integer'][0]} but string in "
                             f"{kinds['string'][0]}: ids must have one type across files (cast one side)")
@@ -142,7 +150,16 @@ def check_consistency(schemas: dict[str, pa.Schema], cols: ColumnMap) -> list[st
 
 
 def to_canonical(table: pa.Table, cols: ColumnMap) -> pa.Table:
-    return table.rename_columns(cols.canonical(table.column_names))
+    table = table.rename_columns(cols.canonical(table.column_names))
+    # Dictionary-encoded and string_view id/text columns become plain arrays: the row checks' compute
+    # kernels (and most readers of the output) take only those.
+    for name in REQUIRED:
+        t = table.schema.field(name).type if name in table.column_names else None
+        if t is not None and (pa.types.is_dictionary(t) or getattr(pa.types, "is_string_view", lambda _: False)(t)):
+            plain = _plain(t)
+            target = pa.large_string() if _is_text(plain) else plain
+            table = table.set_column(table.column_names.index(name), name, table[name].cast(target))
+    return table
 
 
 def split_rejects(table: pa.Table, source_row: np.ndarray) -> tuple[pa.Table, pa.Table, np.ndarray]:

@@ -162,3 +162,30 @@ def test_bad_schema_fails_before_any_model_work(tmp_path, capsys):
     assert code == 2
     assert f"{inp}: column 'doc' has type double, expected string" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_dedupe_docs_collapses_identical_passages_across_files(ray_local, tiny_bert, tmp_path, capsys):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    same = "the cfo approves renewals above the threshold"
+    pq.write_table(pa.table({"query_id": ["q", "q"], "query": ["who approves"] * 2, "doc_id": ["a", "b"],
+                             "doc": [same, "expiry report"], "first_stage_rank": pa.array([3, 1], pa.int32())}),
+                   inp / "f1.parquet")
+    pq.write_table(pa.table({"query_id": ["q", "q"], "query": ["who approves"] * 2, "doc_id": ["c", "d"],
+                             "doc": [same, "checklist"], "first_stage_rank": pa.array([2, 4], pa.int32())}),
+                   inp / "f2.parquet")
+    out = tmp_path / "out"
+    code, err = _run(["--input", str(inp), "--output", str(out), "--model", str(tiny_bert), "--dedupe-docs",
+                      "--top-k", "10", "--no-report", "--quiet"], capsys)
+    assert code == 0, err
+    df = pl.read_parquet(out / "scores" / "*.parquet").sort("doc_id")
+    assert df.height == 4  # nothing dropped
+    by_id = {r["doc_id"]: r for r in df.iter_rows(named=True)}
+    assert by_id["a"]["duplicate_of"] == "c"  # c has the better first-stage rank (2 < 3): c is kept
+    assert by_id["c"]["duplicate_of"] is None and by_id["c"]["duplicate_doc_ids"] == ["a"]
+    assert by_id["a"]["rerank_position"] == 4  # collapsed rows rank after every kept passage
+    short = pl.read_parquet(out / "shortlists" / "*.parquet").row(0, named=True)
+    assert sorted(short["doc_ids"]) == ["b", "c", "d"]
+    assert json.loads((out / "manifest.json").read_text())["totals"]["docs_collapsed"] == 1
+    with pytest.raises(SystemExit, match="other settings"):  # resuming without the flag would mix semantics
+        main(["--input", str(inp), "--output", str(out), "--model", str(tiny_bert), "--no-report", "--quiet"])
