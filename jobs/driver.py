@@ -14,7 +14,6 @@ from jobs.finalize import finish_shard, rank_bucket
 from jobs.layout import OutputLayout
 from jobs.pool import ActorPool, actor_resources
 from jobs.storage import exists, list_dir
-from kernels.loading import model_provenance
 
 
 def connect(address: str | None) -> None:
@@ -25,7 +24,7 @@ def connect(address: str | None) -> None:
     ray.init(address=address, include_dashboard=False if not address else None)
 
 
-def run_job(args, spec: dict, plan, layout: OutputLayout) -> dict:
+def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> dict:
     from jobs.rerank import write_stats
 
     t0 = time.perf_counter()
@@ -34,7 +33,6 @@ def run_job(args, spec: dict, plan, layout: OutputLayout) -> dict:
     skipped = len(plan.shards) - len(pending)
     if skipped:
         print(f"resuming: {skipped} of {len(plan.shards)} shard(s) already committed", file=sys.stderr)
-    provenance = model_provenance(args.model, args.revision)
     engine_info: dict = {}
     failed: list[dict] = []
     per_actor: dict[str, list[float]] = {}

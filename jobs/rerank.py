@@ -21,6 +21,7 @@ from jobs.plan import make_plan
 from jobs.storage import (
     delete_dir, exists, list_dir, locate, read_json, remove_temporaries, write_json, write_parquet,
 )
+from kernels.loading import model_provenance
 from schemas.contract import STATS_SCHEMA, ColumnMap, InputSchemaError
 
 
@@ -128,13 +129,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.rerank_depth and any("first_stage_rank" not in c for c in plan.columns.values()):
         print("error: --rerank-depth needs a first_stage_rank column in every input file", file=sys.stderr)
         return 2
+    try:  # the model's config and revision, before Ray starts: a wrong id or missing flag fails in one line
+        provenance = model_provenance(args.model, args.revision, trust_remote_code=args.trust_remote_code)
+    except Exception as e:
+        print(f"error: cannot load model {args.model!r}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     layout = OutputLayout(locate(args.output))
     prepare_output(layout, plan, args.overwrite, scoring_options(args))
     spec = {**job_spec(args), "buckets": plan.buckets}
 
     from jobs.driver import run_job  # imports ray: after the cheap checks, so bad input fails fast
 
-    result = run_job(args, spec, plan, layout)
+    result = run_job(args, spec, plan, layout, provenance)
     totals = result["totals"]
     manifest = {
         "status": "complete" if not result["failed"] else "incomplete",

@@ -85,7 +85,8 @@ class Engine:
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.label_index = 0 if self.config.num_labels == 1 else self.config.num_labels - 1
         cuda = device.type == "cuda"
-        self.budget = cfg.max_batch_tokens or (16384 if cuda else 4096)
+        self.configured_budget = cfg.max_batch_tokens or (16384 if cuda else 4096)
+        self.budget = self.configured_budget  # lowered after an out-of-memory error, for the rest of one call
         self.kind, self.packed, self.attention_backend = self._choose_engine(cfg.engine)
         self.compiled = bool(cfg.compile if cfg.compile is not None else cuda)
         # Fixed shapes (padded sequence count) only pay off when a compiled graph replays them.
@@ -335,6 +336,7 @@ class Engine:
         if len(queries) != len(docs):
             raise ValueError(f"{len(queries)} queries but {len(docs)} passages")
         stats = ScoreStats(pairs=len(queries))
+        self.budget = self.configured_budget  # each call (a shard) starts from the configured budget again
         seen: dict[tuple[str, str], int] = {}
         inverse = np.fromiter((seen.setdefault(p, len(seen)) for p in zip(queries, docs)), np.int64, len(queries))
         uq = [q for q, _ in seen]

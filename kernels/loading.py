@@ -60,11 +60,14 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, r
     return LoadedModel(model=model, tokenizer=tokenizer, max_length=model_max_length(model.config, tokenizer))
 
 
-def model_provenance(name_or_path: str, revision: str | None = None) -> dict:
+def model_provenance(name_or_path: str, revision: str | None = None, *, trust_remote_code: bool = False) -> dict:
     """What is needed to load the very same weights again: the resolved hub commit, or a hash of local files."""
     out: dict = {"model": name_or_path, "requested_revision": revision}
     path = Path(name_or_path)
     if path.is_dir():
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)  # fails early on a bad folder
         out["model_path"] = str(path.resolve())
         out["weights_sha256"] = _hash_files(sorted(path.glob("*.safetensors")))
         out["tokenizer_sha256"] = _hash_files(sorted(p for p in path.glob("*") if "tok" in p.name or p.name == "vocab.txt"))
@@ -73,7 +76,7 @@ def model_provenance(name_or_path: str, revision: str | None = None) -> dict:
     from transformers import AutoConfig
 
     # The hub commit the revision resolved to (from the local cache when offline): replays load exactly it.
-    cfg = AutoConfig.from_pretrained(name_or_path, revision=revision)
+    cfg = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     out["resolved_revision"] = getattr(cfg, "_commit_hash", None)
     return out
 

@@ -1,0 +1,359 @@
+"""Nothing lost: actors killed or crashing mid-shard, a driver killed mid-job, device memory running out,
+unreadable input files, and a shard that fails every time. Each runs the real job on a real local Ray.
+
+In-process jobs (`jobs.rerank.main`) join the session's `ray_local`; the driver-kill test runs the job as a
+subprocess connected to that same Ray, so it can be SIGKILLed without taking the cluster down.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import (
+    PY, ROOT, assert_each_row_once, job_args, kill_session, read_dir, shortlist_rows, subprocess_env,
+    write_shortlists,
+)
+
+
+def run_job(argv: list[str], capsys) -> tuple[int, str]:
+    from jobs.rerank import main
+
+    capsys.readouterr()
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+def stats_of(out: Path) -> dict[str, dict]:
+    return {r["shard"]: r for r in pq.read_table(out / "stats.parquet").to_pylist()}
+
+
+def manifest_of(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def scores_of(out: Path) -> dict[tuple, float]:
+    t = read_dir(out / "scores")
+    return dict(zip(zip(t["query_id"].to_pylist(), t["doc_id"].to_pylist()), t["score"].to_pylist()))
+
+
+def assert_same_scores(out: Path, reference: dict[tuple, float]) -> None:
+    got = scores_of(out)
+    assert got.keys() == reference.keys()
+    keys = sorted(got)
+    np.testing.assert_allclose([got[k] for k in keys], [reference[k] for k in keys], rtol=0, atol=1e-5)
+
+
+def shard_names(inp: Path) -> list[str]:
+    from jobs.plan import make_plan
+    from schemas.contract import ColumnMap
+
+    return [s.name for s in make_plan([str(inp)], ColumnMap(), 80).shards]
+
+
+def shard_worker_pids(root_pid: int, method: str | None = None) -> list[int]:
+    """ShardWorker actor processes under `root_pid` (this Ray's raylet is our child), by process title:
+    `ray::ShardWorker.<method>` while one runs that method (`__init__`: loading the model; `process`: a
+    shard). Never a DashboardAgent or RuntimeEnvAgent, whose loss takes the node down."""
+    want = "ray::ShardWorker" + (f".{method}" if method else "")
+    pids = []
+    for p in psutil.Process(root_pid).children(recursive=True):
+        try:
+            title = " ".join(p.cmdline()).strip()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if title.startswith(want):
+            pids.append(p.pid)
+    return pids
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """2 files x 160 rows, row groups of 40: 4 shards of 80 rows."""
+    return write_shortlists(tmp_path_factory.mktemp("faults") / "in", files=2, n_queries=8, per_query=20)
+
+
+@pytest.fixture(scope="module")
+def clean(ray_local, inputs, tiny_model, tmp_path_factory) -> dict[tuple, float]:
+    """Scores of a run without faults: every faulty run must end with the very same scores."""
+    out = tmp_path_factory.mktemp("clean") / "out"
+    from jobs.rerank import main
+
+    assert main(job_args(inputs, out, tiny_model)) == 0
+    assert_each_row_once(inputs, out)
+    assert all(r["attempts"] == 1 for r in stats_of(out).values())
+    return scores_of(out)
+
+
+@pytest.mark.slow
+def test_actor_killed_from_outside_mid_shard(ray_local, inputs, tiny_model, clean, tmp_path, capsys, monkeypatch):
+    """SIGKILL one actor while it loads its model, then one while it runs a shard: the shard reruns on a live
+    actor, the pool replaces both dead ones, and a death during loading costs no shard an attempt."""
+    out = tmp_path / "out"
+    monkeypatch.setenv("CROSSRANK_FAULT_SLEEP_S", "3")  # every shard pauses 3 s before scoring: time to act
+    killed: dict[str, int] = {}
+
+    def killer() -> None:
+        deadline = time.monotonic() + 240
+        for method in ("__init__", "process"):
+            while time.monotonic() < deadline:
+                pids = shard_worker_pids(os.getpid(), method)
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed[method] = pids[0]
+                    break
+                time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    rc, err = run_job(job_args(inputs, out, tiny_model), capsys)
+    t.join(timeout=5)
+    assert set(killed) == {"__init__", "process"}, f"not every kill happened: {killed}"
+    assert rc == 0, err
+    assert_each_row_once(inputs, out)
+    assert_same_scores(out, clean)
+    stats = stats_of(out)
+    retried = [s for s in stats.values() if s["attempts"] > 1]
+    # Only the shard the actor was running is charged; the one queued behind it never started.
+    assert len(retried) == 1 and retried[0]["attempts"] == 2, [(s["shard"], s["attempts"]) for s in stats.values()]
+    assert all(not s["actor"].endswith(f":{killed['process']}") for s in stats.values()), "a dead actor reported"
+    totals = manifest_of(out)["totals"]
+    assert totals["retries"] == 1 and totals["actors_replaced"] == 2, totals
+    assert manifest_of(out)["status"] == "complete"
+
+
+@pytest.mark.slow
+def test_actor_exits_by_itself_before_commit(ray_local, inputs, tiny_model, clean, tmp_path, capsys, monkeypatch):
+    """The process dies after writing its rejects and keys but before the commit: the retry redoes the shard,
+    and the half-done attempt leaves nothing behind twice."""
+    out = tmp_path / "out"
+    victim = shard_names(inputs)[1]
+    monkeypatch.setenv("CROSSRANK_FAULT_POINT", "before_commit")
+    monkeypatch.setenv("CROSSRANK_FAULT_SHARD", victim)
+    rc, err = run_job(job_args(inputs, out, tiny_model), capsys)
+    assert rc == 0, err
+    assert_each_row_once(inputs, out)
+    assert_same_scores(out, clean)
+    stats = stats_of(out)
+    assert stats[victim]["attempts"] == 2, stats[victim]
+    assert all(s["attempts"] == 1 for n, s in stats.items() if n != victim), "a shard that never failed was charged"
+    totals = manifest_of(out)["totals"]
+    assert totals["retries"] == 1 and totals["actors_replaced"] >= 1, totals
+
+
+@pytest.mark.slow
+def test_failing_shards_are_bounded_reported_and_finished_by_a_rerun(ray_local, tiny_model, tmp_path, capsys,
+                                                                      monkeypatch):
+    """Unreadable files (truncated, garbage, a broken page under a good footer) and a shard that kills its actor
+    every time: the other shards commit, each bad shard is tried --max-shard-retries + 1 times and reported
+    with its error, the job exits non-zero naming each one. Fix the files, drop the fault, rerun: only the
+    missing shards run, and every row comes out once."""
+    inp = tmp_path / "in"
+    write_shortlists(inp, files=2, n_queries=8, per_query=20)  # part-0, part-1: 4 good shards
+    good = {}  # the truncated file holds 2 shards once fixed (1 while unreadable): later files keep their seq
+    for name, seed, n in (("part-00-truncated", 10, 8), ("part-02-garbage", 12, 4), ("part-01-badpage", 11, 4)):
+        good[name] = pa.Table.from_pylist(shortlist_rows(n, 20, prefix=f"{name}-q", seed=seed))
+    # Sorted names: the broken files sit between and before good ones, so fixing them must renumber nothing.
+    pq.write_table(good["part-00-truncated"], inp / "part-00-truncated.parquet", row_group_size=40)
+    data = (inp / "part-00-truncated.parquet").read_bytes()
+    (inp / "part-00-truncated.parquet").write_bytes(data[: len(data) // 2])
+    (inp / "part-02-garbage.parquet").write_bytes(np.random.default_rng(0).bytes(5000))
+    pq.write_table(good["part-01-badpage"], inp / "part-01-badpage.parquet", row_group_size=80)
+    meta = pq.ParquetFile(inp / "part-01-badpage.parquet").metadata.row_group(0).column(3)
+    raw = bytearray((inp / "part-01-badpage.parquet").read_bytes())
+    raw[meta.data_page_offset: meta.data_page_offset + 200] = b"\x5a" * 200  # footer still readable
+    (inp / "part-01-badpage.parquet").write_bytes(bytes(raw))
+
+    names = shard_names(inp)
+    killer_shard = next(n for n in names if n.startswith("part-1-"))
+    bad = {n for n in names if n.startswith(("part-00-", "part-01-", "part-02-"))}
+    assert len(bad) == 3
+    out = tmp_path / "out"
+    monkeypatch.setenv("CROSSRANK_FAULT_POINT", "before_score")
+    monkeypatch.setenv("CROSSRANK_FAULT_SHARD", killer_shard)
+    monkeypatch.setenv("CROSSRANK_FAULT_ATTEMPTS", "1000")  # dies on every attempt
+    rc, err = run_job(job_args(inp, out, tiny_model, "--max-shard-retries", 1), capsys)
+    assert rc == 1, err
+    assert "4 shard(s) failed" in err
+    stats = stats_of(out)
+    for name in bad | {killer_shard}:
+        assert name in err, f"summary does not name {name}:\n{err}"
+        assert stats[name]["status"] == "failed" and stats[name]["attempts"] == 2, stats[name]
+        assert stats[name]["error"]
+    assert "actor died" in stats[killer_shard]["error"]
+    for name in bad:
+        assert "actor died" not in stats[name]["error"], stats[name]["error"]
+    ok = [n for n in names if n not in bad | {killer_shard}]
+    assert ok and all(stats[n]["status"] == "ok" for n in ok)
+    committed = {p.stem: p.stat().st_mtime_ns for p in (out / "_work" / "scored").glob("*.parquet")}
+    assert set(committed) == set(ok)
+    manifest = manifest_of(out)
+    assert manifest["status"] == "incomplete" and set(manifest["failed_shards"]) == bad | {killer_shard}
+
+    # Fix the files (rewrite them correctly), lift the fault, rerun the same command.
+    for name, table in good.items():
+        pq.write_table(table, inp / f"{name}.parquet", row_group_size=40)
+    monkeypatch.delenv("CROSSRANK_FAULT_POINT")
+    rc, err = run_job(job_args(inp, out, tiny_model, "--max-shard-retries", 1), capsys)
+    assert rc == 0, err
+    assert f"resuming: {len(ok)} of {len(shard_names(inp))} shard(s) already committed" in err
+    for p in (out / "_work" / "scored").glob("*.parquet"):
+        if p.stem in committed:
+            assert p.stat().st_mtime_ns == committed[p.stem], f"{p.stem} was committed yet scored again"
+    assert_each_row_once(inp, out)
+    assert manifest_of(out)["status"] == "complete"
+
+
+@pytest.mark.slow
+def test_out_of_memory_splits_and_loses_nothing(ray_local, inputs, tiny_model, clean, tmp_path, capsys,
+                                                monkeypatch):
+    """Batches over 300 computed tokens raise an injected torch.OutOfMemoryError: the engine splits them, lowers
+    its budget, and the scores equal those of the run without the fault."""
+    out = tmp_path / "out"
+    monkeypatch.setenv("CROSSRANK_FAULT_OOM_ABOVE_TOKENS", "300")
+    rc, err = run_job(job_args(inputs, out, tiny_model), capsys)
+    assert rc == 0, err
+    assert_each_row_once(inputs, out)
+    assert_same_scores(out, clean)
+    stats = stats_of(out)
+    # The lowered budget holds for the actor's later shards, so only each actor's first shard splits.
+    splits = {n: s["oom_splits"] for n, s in stats.items()}
+    assert sum(splits.values()) > 0 and max(splits.values()) >= 3, splits  # 80 pairs: > 2400 tokens -> <= 300
+    assert all(s["attempts"] == 1 for s in stats.values()), "an OOM split must not cost the shard an attempt"
+
+
+def test_out_of_memory_is_logged(tiny_model, caplog):
+    """The split is logged (a warning naming the batch and the new budget), and loses no pair."""
+    import logging
+
+    from kernels.config import EngineConfig
+    from kernels.engine import Engine
+
+    rows = shortlist_rows(4, 20)
+    q, d = [r["query"] for r in rows], [r["doc"] for r in rows]
+    ref, _ = Engine.from_pretrained(str(tiny_model), EngineConfig(device="cpu")).score(q, d)
+    engine = Engine.from_pretrained(str(tiny_model), EngineConfig(device="cpu", extra={"oom_above_tokens": 300}))
+    with caplog.at_level(logging.WARNING, logger="crossrank.engine"):
+        got, st = engine.score(q, d)
+    assert st.oom_splits > 0 and st.max_batch_tokens <= 300
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "crossrank.engine"]
+    assert len(msgs) == st.oom_splits and all("out of memory" in m and "budget" in m for m in msgs), msgs
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_job_then_rerun_resumes(ray_local, inputs, tiny_model, clean, tmp_path):
+    """SIGKILL the driver once some shards are committed; the same command resumes: it says what it skips,
+    removes half-written files (one planted), scores only the rest, and every row comes out once."""
+    out = tmp_path / "out"
+    address = ray_local.get_runtime_context().gcs_address
+    cmd = [PY, "-m", "jobs.rerank", *job_args(inputs, out, tiny_model, "--address", address)]
+    env = subprocess_env(CROSSRANK_FAULT_SLEEP_S="4")  # the shards after the first commit are far from done
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    scored = out / "_work" / "scored"
+    total = len(shard_names(inputs))
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if scored.is_dir() and any(p.suffix == ".parquet" for p in scored.iterdir()):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the job ended before it could be killed:\n" + (tmp_path / "first.log").read_text()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        kill_session(proc)
+        log.close()
+    # The dead driver's actors go with its job (one may still commit the shard it was in): wait for them.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and shard_worker_pids(os.getpid()):
+        time.sleep(0.2)
+    committed = {p.stem: p.stat().st_mtime_ns for p in scored.glob("*.parquet")}
+    assert 1 <= len(committed) < total, committed
+    assert not (out / "manifest.json").exists()
+    planted = scored / ".tmp-deadbeef0000-half-written.parquet"
+    planted.write_bytes(b"PAR1 half a file")
+    rerun = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert f"resuming: {len(committed)} of {total} shard(s) already committed" in rerun.stderr
+    assert "half-written file(s)" in rerun.stderr
+    assert not planted.exists()
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    for p in scored.glob("*.parquet"):
+        if p.stem in committed:
+            assert p.stat().st_mtime_ns == committed[p.stem], f"{p.stem} was committed yet scored again"
+    assert_each_row_once(inputs, out)
+    assert_same_scores(out, clean)
+
+
+def test_resume_rules(tmp_path):
+    """What a rerun may resume (plan level, no Ray): fixing an unreadable file renumbers no other file's shards
+    and resumes; a changed file with committed shards, a changed shard size, or shards added after every
+    shard was committed are refused."""
+    from jobs.plan import make_plan
+    from schemas.contract import ColumnMap
+
+    inp = write_shortlists(tmp_path / "in", files=2, n_queries=8, per_query=20)  # part-0, part-1: 2 shards each
+    good = pa.Table.from_pylist(shortlist_rows(8, 20, prefix="m"))
+    (inp / "part-00-broken.parquet").write_bytes(b"not parquet at all")  # sorts between part-0 and part-1
+    before = make_plan([str(inp)], ColumnMap(), 80)
+    pq.write_table(good, inp / "part-00-broken.parquet", row_group_size=40)
+    after = make_plan([str(inp)], ColumnMap(), 80)
+    assert len(after.shards) == len(before.shards) + 1
+    seq_before = {s.name: s.seq for s in before.shards}
+    assert all(seq_before[s.name] == s.seq for s in after.shards if s.uri.endswith(("part-0.parquet", "part-1.parquet")))
+    assert len({s.seq for s in after.shards}) == len(after.shards)
+    assert [s.seq for s in after.shards] == sorted(s.seq for s in after.shards)  # still the global input order
+
+    prev = json.loads(json.dumps(before.to_json()))  # as read back from plan.json
+    good_shards = {s.name for s in before.shards if "broken" not in s.name}
+    assert after.resume_problem(prev, lambda n: n in good_shards) is None
+    assert after.resume_problem(prev, lambda n: False) is None  # nothing committed: all runs again
+
+    # a file whose shard was committed has changed
+    pq.write_table(pa.Table.from_pylist(shortlist_rows(8, 20, prefix="z")), inp / "part-1.parquet", row_group_size=40)
+    changed = make_plan([str(inp)], ColumnMap(), 80)
+    assert "changed" in changed.resume_problem(prev, lambda n: n in good_shards)
+    # another shard size
+    other = make_plan([str(inp)], ColumnMap(), 40)
+    assert other.resume_problem(json.loads(json.dumps(changed.to_json())), lambda n: True)
+    # shards added once every shard of the earlier run was committed (its ranking pass may be done)
+    full = json.loads(json.dumps(changed.to_json()))
+    pq.write_table(good, inp / "part-2.parquet", row_group_size=40)
+    grown = make_plan([str(inp)], ColumnMap(), 80)
+    assert "adds shards" in grown.resume_problem(full, lambda n: True)
+    assert grown.resume_problem(full, lambda n: not n.startswith("part-1")) is None
+
+
+def test_attempt_over_changed_content_leaves_no_stale_keys(tiny_model, tmp_path):
+    """Keys of a shard's earlier attempt over other content (buckets it no longer has) are removed once the new
+    keys are written, so the ranking pass never sees a row twice. The worker runs here without Ray."""
+    from jobs.plan import make_plan
+    from jobs.rerank import job_spec, parse_args
+    from jobs.worker import ShardWorker
+    from schemas.contract import ColumnMap
+
+    inp = write_shortlists(tmp_path / "in", files=1, n_queries=6, per_query=10)  # 60 rows: one shard
+    spec = {**job_spec(parse_args(job_args(inp, tmp_path / "out", tiny_model, "--device", "cpu"))), "buckets": 4}
+    shard = make_plan([str(inp)], ColumnMap(), 80).shards[0].to_dict()
+    worker = ShardWorker(spec)
+    stale = worker.layout.keys(shard["name"], 999)
+    Path(stale.path).parent.mkdir(parents=True)
+    pq.write_table(pa.table({"x": [1]}), stale.path)
+    stats = worker.process(shard)
+    assert stats["rows_scored"] == 60
+    keys_dir = Path(worker.layout.keys_dir(shard["name"]).path)
+    names = sorted(p.name for p in keys_dir.iterdir())
+    assert stale.path.rsplit("/", 1)[-1] not in names and names, names
+    assert sum(pq.read_metadata(keys_dir / n).num_rows for n in names) == 60
