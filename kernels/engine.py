@@ -122,7 +122,9 @@ class Engine:
         return cls(LoadedModel(model, tokenizer, model_max_length(model.config, tokenizer)), cfg, device, dtype)
 
     def _choose_engine(self, wanted: str):
-        if wanted == "padded":
+        if wanted == "padded" or (wanted == "auto" and self.device.type != "cuda"):
+            # auto on CPU: padded, measured faster there (BENCHMARKS.md: the packed path's padded-SDPA
+            # fallback costs what removing padding saves when length sorting already leaves little padding)
             return "padded", None, "sdpa"
         from kernels import packed
 

@@ -49,15 +49,16 @@ def test_parity_with_sentence_transformers(family, engine, tiny_bert, tiny_xlmr)
         assert stats.padding_efficiency > 0.9
 
 
-def test_auto_picks_packed_and_says_so(tiny_bert):
-    eng = Engine.from_pretrained(tiny_bert)
-    d = eng.describe()
-    assert (d["engine"], d["device"], d["dtype"], d["compiled"]) == ("packed", "cpu", "float32", False)
+def test_auto_engine_choice_is_reported(tiny_bert):
+    d = Engine.from_pretrained(tiny_bert).describe()
+    # On CPU auto picks padded (measured faster there); packed stays available by name.
+    assert (d["engine"], d["device"], d["dtype"], d["compiled"]) == ("padded", "cpu", "float32", False)
+    assert Engine.from_pretrained(tiny_bert, EngineConfig(engine="packed")).describe()["engine"] == "packed"
 
 
 def test_duplicate_pairs_scored_once_and_shared(tiny_bert):
     eng = Engine.from_pretrained(tiny_bert)
-    queries, docs = ["q a"] * 4 + ["q b"], ["d"] * 4 + ["d"]
+    queries, docs = ["q a"] * 4 + ["q b"], ["d"] * 4 + ["d"]  # noqa: E501
     scores, stats = eng.score(queries, docs)
     assert stats.duplicate_pairs == 3
     assert len(set(scores[:4].tolist())) == 1 and scores[4] != scores[0]
@@ -97,7 +98,7 @@ def test_max_length_flag_caps_pairs(tiny_bert):
 @pytest.mark.parametrize("family", ["bert", "xlmr"])
 def test_packed_self_check(family, tiny_bert, tiny_xlmr):
     """The check CUDA runs before trusting a varlen kernel: it must pass on a correct model, fail on a broken one."""
-    eng = Engine.from_pretrained(tiny_bert if family == "bert" else tiny_xlmr)
+    eng = Engine.from_pretrained(tiny_bert if family == "bert" else tiny_xlmr, EngineConfig(engine="packed"))
     assert eng._self_check(eng.packed) is None
     with torch.no_grad():
         eng.packed.state_dict()[next(k for k in eng.packed.state_dict() if "qkv.weight" in k)].mul_(3.0)

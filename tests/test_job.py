@@ -60,7 +60,7 @@ def _expected_positions(model, inp) -> pl.DataFrame:
 def test_job_end_to_end(ray_local, tiny_bert, shortlist_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code, err = _run(["--input", str(shortlist_dir), "--output", str(out), "--model", str(tiny_bert),
-                      "--shard-rows", "30", "--top-k", "3", "--no-report"], capsys)
+                      "--shard-rows", "30", "--top-k", "3", "--engine", "packed", "--no-report"], capsys)
     assert code == 0, err
     n_in = sum(pq.ParquetFile(p).metadata.num_rows for p in shortlist_dir.glob("*.parquet"))
     scores = pl.read_parquet(out / "scores" / "*.parquet")
@@ -87,7 +87,7 @@ def test_job_end_to_end(ray_local, tiny_bert, shortlist_dir, tmp_path, capsys):
     assert (stats["rows_scored"] + stats["rows_rejected"] == stats["rows_in"]).all()
     assert stats["status"].to_list() == ["ok"] * stats.height
     assert (stats["padding_efficiency"] > 0).all() and (stats["pairs_per_s"] > 0).all()
-    assert set(stats["engine"].to_list()) == {"packed"}
+    assert set(stats["engine"].to_list()) == {"packed"}  # asked for by name: the padding-free path, end to end
 
     short = pl.read_parquet(out / "shortlists" / "*.parquet")
     assert short.height == 24
