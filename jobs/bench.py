@@ -413,6 +413,12 @@ class Bench:
             print(br.format_row(row), file=self.stream, flush=True)
         return row
 
+    def record_failure(self, kind: str, label: str, model: str, e: BaseException) -> dict:
+        """A step outside any one configuration (building a model or tokenizer) failed: one error row."""
+        row = self._row(kind, None, None, label=label, model=model)
+        self._fail(row, e)
+        return self._emit(row)
+
     def _fail(self, row: dict, e: BaseException) -> None:
         row["status"] = "timeout" if isinstance(e, BenchTimeout) else "error"
         row["error"] = f"{type(e).__name__}: {e}".replace("\n", " ")[:1000]
@@ -855,9 +861,7 @@ def run_bench(models=("minilm-l6",), *, mixes=("nq",), n_pairs: int = 2000, cand
             except KeyboardInterrupt:
                 raise
             except BaseException as e:  # noqa: BLE001
-                row = bench._row("engine", None, None, label=f"build {name}", model=name)
-                bench._fail(row, e)
-                bench._emit(row)
+                bench.record_failure("engine", f"build {name}", name, e)
                 continue
             if tokenize:
                 tp = bench.pairs(tokenize_mix, tokenize_pairs or max(n_pairs, 2000), candidates, data)

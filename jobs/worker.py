@@ -29,7 +29,6 @@ from schemas.contract import (
 
 ROW = "_row"  # row index within the shard's scored file
 SEQ = "_seq"  # global input order: shard seq << 32 | row in shard (tie break of last resort)
-BUCKET = "_bucket"
 DOC_HASH = "_doc_hash"  # 64-bit hash of the passage text (--dedupe-docs)
 
 

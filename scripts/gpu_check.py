@@ -184,9 +184,7 @@ def run_check(args, state: dict) -> int:
         except KeyboardInterrupt:
             raise
         except BaseException as e:  # noqa: BLE001
-            row = bench._row("engine", None, None, label=f"build {name}", model=name)
-            bench._fail(row, e)
-            bench._emit(row)
+            bench.record_failure("engine", f"build {name}", name, e)
             return None
 
     results: dict = {}
@@ -202,9 +200,7 @@ def run_check(args, state: dict) -> int:
         except KeyboardInterrupt:
             raise
         except BaseException as e:  # noqa: BLE001
-            row = bench._row("tokenize", None, None, label=f"tokenizer {name}", model=name)
-            bench._fail(row, e)
-            bench._emit(row)
+            bench.record_failure("tokenize", f"tokenizer {name}", name, e)
 
     # 2-3. MiniLM: precision, then the core matrix
     small = model(S.small)
