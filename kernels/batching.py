@@ -11,7 +11,7 @@ import numpy as np
 
 # Padded lengths are rounded up to these, so a compiled forward meets a handful of shapes, not hundreds.
 LENGTH_BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-# Packed totals are rounded up to a multiple of this: few shapes, at most a sliver of padding.
+# Compiled packed totals are rounded up to a multiple of this: few shapes, at most a sliver of padding.
 PACKED_TOTAL_MULTIPLE = 256
 
 
@@ -58,12 +58,14 @@ def plan_batches(lengths: np.ndarray, max_batch_tokens: int, *, padded: bool, ma
 
 
 def padding_efficiency(lengths: np.ndarray, batches: list[np.ndarray], *, padded: bool,
-                       buckets: tuple[int, ...] | None = LENGTH_BUCKETS) -> tuple[int, int]:
-    """(real tokens, computed tokens) of a batch plan, by the same cost rule."""
+                       buckets: tuple[int, ...] | None = LENGTH_BUCKETS,
+                       total_multiple: int = PACKED_TOTAL_MULTIPLE) -> tuple[int, int]:
+    """(real tokens, computed tokens) of a batch plan, by the same cost rule (packed totals rounded up to
+    `total_multiple`, as the compiled packed engine does)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     real = int(lengths.sum())
     if not padded:
-        computed = sum(-(-int(lengths[b].sum()) // PACKED_TOTAL_MULTIPLE) * PACKED_TOTAL_MULTIPLE for b in batches)
+        computed = sum(-(-int(lengths[b].sum()) // total_multiple) * total_multiple for b in batches)
     else:
         computed = sum(len(b) * padded_length(int(lengths[b].max()), buckets) for b in batches)
     return real, computed

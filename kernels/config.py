@@ -13,7 +13,7 @@ class EngineConfig:
     device: str = "auto"  # "auto" = cuda when visible, else cpu
     dtype: str = "auto"  # auto = float16 on CUDA (what reranker checkpoints are served in), float32 on CPU
     compile: bool | None = None  # None = on for CUDA, off for CPU (compile costs minutes, wins little on CPU)
-    engine: str = "auto"  # auto = packed (padding-free) on CUDA when the architecture supports it, else padded
+    engine: str = "auto"  # auto = packed (padding-free) when the architecture supports it, else padded
     max_length: int | None = None  # None = the model's own limit; pairs longer are truncated longest-first
     # Tokens per forward. Padded engine: batch count x padded length; packed engine: sum of real lengths.
     # 16,384 is text-embeddings-inference's default budget; on CPU smaller batches keep caches warm.

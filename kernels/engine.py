@@ -92,6 +92,8 @@ class Engine:
         # Fixed shapes (padded sequence count) only pay off when a compiled graph replays them.
         self.static_shapes = self.compiled and cuda
         self.buckets = LENGTH_BUCKETS if cuda else None  # bucketed shapes: compiled graphs and tensor cores
+        # Packed token totals rounded up so a compiled forward meets few shapes; eager needs no rounding.
+        self.total_multiple = PACKED_TOTAL_MULTIPLE if self.compiled else 1
         self._forward = self._packed_logits if self.kind == "packed" else self._padded_logits
         if self.compiled:
             self._forward = torch.compile(self._forward, mode=cfg.extra.get("compile_mode"))
@@ -122,9 +124,7 @@ class Engine:
         return cls(LoadedModel(model, tokenizer, model_max_length(model.config, tokenizer)), cfg, device, dtype)
 
     def _choose_engine(self, wanted: str):
-        if wanted == "padded" or (wanted == "auto" and self.device.type != "cuda"):
-            # auto on CPU: padded, measured faster there (BENCHMARKS.md: the packed path's padded-SDPA
-            # fallback costs what removing padding saves when length sorting already leaves little padding)
+        if wanted == "padded":
             return "padded", None, "sdpa"
         from kernels import packed
 
@@ -214,7 +214,7 @@ class Engine:
             from kernels.packed import position_ids_for
 
             real = int(lengths.sum())
-            total = -(-real // PACKED_TOTAL_MULTIPLE) * PACKED_TOTAL_MULTIPLE
+            total = -(-real // self.total_multiple) * self.total_multiple
             ids = np.full(total, self.pad_id, dtype=np.int64)
             dst = np.cumsum(lengths) - lengths
             _gather(ids, dst, enc.ids, starts, lengths)

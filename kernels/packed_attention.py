@@ -8,7 +8,8 @@ per (device, dtype) by `select_attention_backend` when the model is placed, neve
     sdpa_padded   anything else (CPU, fp32): gather into `[B, L, ...]`, masked SDPA, scatter back
 
 Each backend has `prepare(cu_seqlens, max_seqlen, num_tokens)`, run once per forward, whose result every
-layer's `attend(qkv, ctx)` reuses: the padded fallback computes its gather/scatter indices there.
+layer's `attend(qkv, ctx)` reuses: the padded fallback computes its gather/scatter indices there. The last
+layer calls `attend_first(qkv, ctx, first)` instead: only each sequence's first token's output.
 """
 from __future__ import annotations
 
@@ -34,7 +35,18 @@ def _flash_attn_varlen_qkvpacked():
     return flash_attn_varlen_qkvpacked_func
 
 
-class TorchVarlen:
+class _AttendFirstByRows:
+    """`attend_first(qkv, ctx, first)`: the outputs of rows `first` ([B]) only, as `[B, H, D]`.
+
+    The last layer needs no more (the head reads first tokens). Fused kernels compute every row and keep
+    those: the proven call, and the saving that matters (output projection and MLP) happens after it anyway.
+    """
+
+    def attend_first(self, qkv: torch.Tensor, ctx, first: torch.Tensor) -> torch.Tensor:
+        return self.attend(qkv, ctx).index_select(0, first)  # [B, H, D]
+
+
+class TorchVarlen(_AttendFirstByRows):
     """PyTorch's own varlen flash kernel. Needs CUDA, fp16/bf16, head_dim a multiple of 8 up to 256."""
 
     name = "torch_varlen"
@@ -49,7 +61,7 @@ class TorchVarlen:
         return _torch_varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen)  # [T, H, D]
 
 
-class FlashAttn:
+class FlashAttn(_AttendFirstByRows):
     """Dao-AILab flash-attn 2's varlen kernel on the packed QKV. Same limits as TorchVarlen."""
 
     name = "flash_attn"
@@ -115,6 +127,16 @@ class PaddedSDPA:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.key_mask)  # [B, H, L, D]
         out = out.transpose(1, 2).reshape(B * L, H, D)  # [B*L, H, D]
         return out.index_select(0, ctx.scatter)  # [T, H, D]
+
+    def attend_first(self, qkv: torch.Tensor, ctx: _PaddedIndex, first: torch.Tensor) -> torch.Tensor:
+        """One query per sequence (its first token) against all its keys: `[B, H, D]`."""
+        T, _, H, D = qkv.shape
+        B, L = ctx.batch, ctx.length
+        q = qkv.index_select(0, first)[:, 0].unsqueeze(2)  # [B, H, 1, D]
+        kv = qkv[:, 1:].reshape(T, 2 * H * D).index_select(0, ctx.gather.view(-1))  # [B*L, 2*H*D]
+        k, v = kv.view(B, L, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x [B, H, L, D]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.key_mask)  # [B, H, 1, D]
+        return out.squeeze(2)  # [B, H, D]
 
 
 def _fast_kernel_ok(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:

@@ -112,6 +112,24 @@ def test_parity_tiny(tiny, family):
         torch.testing.assert_close(no_types, ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["bert", "xlmr"])
+def test_last_layer_runs_its_mlp_on_first_tokens_only(tiny, family):
+    """The head reads first tokens, so the last layer's MLP sees one row per sequence (and stays exact:
+    the parity tests above run through this path); every earlier layer sees every token."""
+    hf = tiny[family]
+    packed = PackedCrossEncoder.from_hf(hf)
+    rows, types = _pairs(hf.config, [7, 30, 1, 12])
+    seen = []
+    hooks = [layer.intermediate.dense.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+             for layer in packed.encoder.layer]
+    try:
+        _packed(packed, hf.config, rows, types)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == [50] * (len(packed.encoder.layer) - 1) + [4]
+
+
 def test_parity_minilm_shape(minilm):
     packed = PackedCrossEncoder.from_hf(minilm)
     rows, types = _pairs(minilm.config, [150, 4, 1, 57, 200, 23], seed=3)
