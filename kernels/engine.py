@@ -68,6 +68,20 @@ class _Chunk:
     tokenize_s: float = 0.0
 
 
+def chunk_starts(n: int, chunk_pairs: int, first: int = 256) -> list[int]:
+    """Chunk boundaries `[0, ..., n]`: sizes double from `first` up to `chunk_pairs`.
+
+    Only the first chunk's tokenization is not hidden under the device, so it is small; each later chunk
+    is at most twice the one the device runs meanwhile, so it is ready in time (tokenizing a pair costs a
+    fraction of scoring it). Every shard of a job starts this way, which is what makes it matter.
+    """
+    bounds, size = [0], min(first, chunk_pairs)
+    while bounds[-1] < n:
+        bounds.append(min(n, bounds[-1] + size))
+        size = min(2 * size, chunk_pairs)
+    return bounds
+
+
 class InjectedOOM(torch.OutOfMemoryError):
     """Raised by the fault-injection setting `oom_above_tokens`, so CPU tests exercise the OOM path."""
 
@@ -345,18 +359,18 @@ class Engine:
         ud = [d for _, d in seen]
         stats.duplicate_pairs = len(queries) - len(uq)
         scores = np.empty(len(uq), dtype=np.float32)
-        step = self.cfg.chunk_pairs
-        starts = list(range(0, len(uq), step))
+        starts = chunk_starts(len(uq), self.cfg.chunk_pairs)
         with ThreadPoolExecutor(max(1, self.cfg.tokenizer_threads), thread_name_prefix="tokenize") as pool:
             ahead = deque()
-            for s in starts[: max(1, self.cfg.tokenizer_threads)]:
-                ahead.append(pool.submit(self._prepare, s, uq[s : s + step], ud[s : s + step]))
+            bounds = list(zip(starts[:-1], starts[1:]))
+            for s, e in bounds[: max(1, self.cfg.tokenizer_threads)]:
+                ahead.append(pool.submit(self._prepare, s, uq[s:e], ud[s:e]))
             submitted = len(ahead)
             while ahead:
                 chunk = ahead.popleft().result()
-                if submitted < len(starts):
-                    s = starts[submitted]
-                    ahead.append(pool.submit(self._prepare, s, uq[s : s + step], ud[s : s + step]))
+                if submitted < len(bounds):
+                    s, e = bounds[submitted]
+                    ahead.append(pool.submit(self._prepare, s, uq[s:e], ud[s:e]))
                     submitted += 1
                 stats.tokenize_s += chunk.tokenize_s
                 tm = time.perf_counter()

@@ -113,3 +113,15 @@ def test_packed_fixed_shapes_layout_keeps_scores(tiny_bert):
     eng.static_shapes = True
     scores, _ = eng.score(queries, docs)
     np.testing.assert_allclose(scores, plain, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 5000, 100_000])
+def test_chunks_ramp_up_and_cover_every_pair(n):
+    from kernels.engine import chunk_starts
+
+    bounds = chunk_starts(n, 8192)
+    sizes = np.diff(bounds)
+    assert bounds[0] == 0 and bounds[-1] == n and (sizes > 0).all()
+    assert len(sizes) == 0 or sizes[0] == min(256, n)  # the one chunk whose tokenization is not hidden: small
+    full = sizes[:-1]  # every chunk but the last: double the previous one, up to the cap
+    assert (full <= 8192).all() and all(b == min(2 * a, 8192) for a, b in zip(full, full[1:]))
