@@ -22,7 +22,9 @@ class EngineConfig:
     bucketing: bool = True  # sort by token length before cutting batches (False = input order, for benchmarks)
     activation: str = "identity"  # raw logits; "sigmoid" maps them to (0, 1) — still not probabilities
     chunk_pairs: int = 8192  # pairs tokenized and sorted together; the next chunk tokenizes during this one's forward
-    tokenizer_threads: int = 2  # threads tokenizing ahead of the device
+    # Threads tokenizing ahead of the device; 0 = inline (tokenize a chunk, run it). On 2 CPU cores, inline
+    # measured no faster than 2 (0.94x, interleaved A/B, BENCHMARKS.md), so 2 everywhere.
+    tokenizer_threads: int = 2
     extra: dict = field(default_factory=dict)  # free-form notes carried into stats (e.g. fault injection)
 
     def __post_init__(self) -> None:

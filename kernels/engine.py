@@ -115,6 +115,7 @@ class Engine:
         self.oom_above_tokens = int(cfg.extra.get("oom_above_tokens") or os.environ.get("CROSSRANK_FAULT_OOM_ABOVE_TOKENS", 0))
         if not cuda:
             torch.set_num_threads(cpu_threads())
+        self.tokenizer_threads = cfg.tokenizer_threads
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, cfg: EngineConfig | None = None, *, revision: str | None = None,
@@ -345,6 +346,12 @@ class Engine:
         scores[chunk.start + index] = logits.cpu().numpy()  # the one device->host copy of the chunk
         stats.truncated_pairs += int(chunk.enc.truncated.sum())
 
+    def _score_chunk(self, chunk: _Chunk, scores: np.ndarray, stats: ScoreStats) -> None:
+        stats.tokenize_s += chunk.tokenize_s
+        tm = time.perf_counter()
+        self._run_chunk(chunk, scores, stats)
+        stats.model_s += time.perf_counter() - tm
+
     @torch.inference_mode()
     def score(self, queries: list[str], docs: list[str]) -> tuple[np.ndarray, ScoreStats]:
         """Scores of pairs (queries[i], docs[i]) as float32 [N], in input order."""
@@ -362,24 +369,24 @@ class Engine:
         # Packed batches cost their real tokens however a chunk sorts, so chunks may start small; padded
         # batches pay for the longest pair in them and need a whole chunk to sort well (measured: 98% -> 94%
         # padding efficiency on 2,000 mixed pairs with the ramp).
-        first = 256 if self.kind == "packed" else self.cfg.chunk_pairs
+        threads = self.tokenizer_threads
+        first = 256 if self.kind == "packed" and threads else self.cfg.chunk_pairs
         starts = chunk_starts(len(uq), self.cfg.chunk_pairs, first)
-        with ThreadPoolExecutor(max(1, self.cfg.tokenizer_threads), thread_name_prefix="tokenize") as pool:
-            ahead = deque()
-            bounds = list(zip(starts[:-1], starts[1:]))
-            for s, e in bounds[: max(1, self.cfg.tokenizer_threads)]:
-                ahead.append(pool.submit(self._prepare, s, uq[s:e], ud[s:e]))
-            submitted = len(ahead)
-            while ahead:
-                chunk = ahead.popleft().result()
-                if submitted < len(bounds):
-                    s, e = bounds[submitted]
-                    ahead.append(pool.submit(self._prepare, s, uq[s:e], ud[s:e]))
-                    submitted += 1
-                stats.tokenize_s += chunk.tokenize_s
-                tm = time.perf_counter()
-                self._run_chunk(chunk, scores, stats)
-                stats.model_s += time.perf_counter() - tm
+        bounds = list(zip(starts[:-1], starts[1:]))
+        if not threads:  # inline: tokenize a chunk, run it, next
+            for s, e in bounds:
+                self._score_chunk(self._prepare(s, uq[s:e], ud[s:e]), scores, stats)
+        else:
+            with ThreadPoolExecutor(threads, thread_name_prefix="tokenize") as pool:
+                ahead = deque(pool.submit(self._prepare, s, uq[s:e], ud[s:e]) for s, e in bounds[:threads])
+                submitted = len(ahead)
+                while ahead:
+                    chunk = ahead.popleft().result()
+                    if submitted < len(bounds):
+                        s, e = bounds[submitted]
+                        ahead.append(pool.submit(self._prepare, s, uq[s:e], ud[s:e]))
+                        submitted += 1
+                    self._score_chunk(chunk, scores, stats)
         stats.max_batch_tokens = self.budget
         stats.wall_s = time.perf_counter() - t0
         return scores[inverse], stats

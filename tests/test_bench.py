@@ -258,3 +258,20 @@ def test_gpu_check_summary_survives_every_status(smoke):
     assert "tiny msmarco: best" in text and "tokenize+assemble" in text and "error: tiny packed fp16: boom" in text
     assert f"{len(rows) + 3} rows" in text
     assert "precision vs fp32" in br.table(rows + extra) or "score agreement" in br.table(rows + extra)
+
+
+def test_interleaved_bench_times_every_runner_in_every_round(tmp_path):
+    out = tmp_path / "passes.json"
+    proc = subprocess.run([sys.executable, "-m", "scripts.bench_interleaved", "--model", "tiny", "--mix", "msmarco",
+                           "--pairs", "24", "--candidates", "6", "--rounds", "2", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    passes = json.loads(out.read_text())["passes"]
+    assert sorted((p["round"], p["runner"]) for p in passes) == sorted(
+        (r, name) for r in range(2) for name in ("anchor", "packed", "padded"))
+    assert all(p["pairs_per_s"] > 0 for p in passes)
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
+            if line.split() and line.split()[0] in ("anchor", "packed", "padded")}
+    assert rows["anchor"][2] == "1.00x"
+    for name in ("packed", "padded"):  # the same scores as the anchor, up to fp32 rounding
+        assert float(rows[name][-1]) < 1e-4, rows[name]

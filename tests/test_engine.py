@@ -125,3 +125,11 @@ def test_chunks_ramp_up_and_cover_every_pair(n):
     assert len(sizes) == 0 or sizes[0] == min(256, n)  # the one chunk whose tokenization is not hidden: small
     full = sizes[:-1]  # every chunk but the last: double the previous one, up to the cap
     assert (full <= 8192).all() and all(b == min(2 * a, 8192) for a, b in zip(full, full[1:]))
+
+
+def test_inline_tokenization_gives_the_same_scores(tiny_bert):
+    queries, docs = _pairs(120, seed=5)
+    ahead, _ = Engine.from_pretrained(tiny_bert, EngineConfig(chunk_pairs=32)).score(queries, docs)
+    inline, stats = Engine.from_pretrained(tiny_bert, EngineConfig(chunk_pairs=32, tokenizer_threads=0)).score(queries, docs)
+    np.testing.assert_array_equal(inline, ahead)
+    assert stats.pairs == 120 and stats.tokenize_s > 0
