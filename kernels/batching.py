@@ -58,14 +58,13 @@ def plan_batches(lengths: np.ndarray, max_batch_tokens: int, *, padded: bool, ma
 
 
 def padding_efficiency(lengths: np.ndarray, batches: list[np.ndarray], *, padded: bool,
-                       buckets: tuple[int, ...] | None = LENGTH_BUCKETS,
-                       total_multiple: int = PACKED_TOTAL_MULTIPLE) -> tuple[int, int]:
-    """(real tokens, computed tokens) of a batch plan, by the same cost rule (packed totals rounded up to
-    `total_multiple`, as the compiled packed engine does)."""
+                       buckets: tuple[int, ...] | None = LENGTH_BUCKETS) -> tuple[int, int]:
+    """(real tokens, computed tokens) of a batch plan, by the same cost rule (packed totals rounded up as
+    the compiled packed engine rounds them)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     real = int(lengths.sum())
     if not padded:
-        computed = sum(-(-int(lengths[b].sum()) // total_multiple) * total_multiple for b in batches)
+        computed = sum(-(-int(lengths[b].sum()) // PACKED_TOTAL_MULTIPLE) * PACKED_TOTAL_MULTIPLE for b in batches)
     else:
         computed = sum(len(b) * padded_length(int(lengths[b].max()), buckets) for b in batches)
     return real, computed

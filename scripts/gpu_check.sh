@@ -8,8 +8,8 @@
 #   bash scripts/gpu_check.sh --smoke          # CPU dry run
 #
 # The Python side keeps to --budget-s (default 420 s); this wrapper stops it for good at GPU_CHECK_LIMIT_S
-# (default 470 s, 900 s with --smoke: SIGINT first, which still writes the tables, then SIGKILL 15 s later). Needs only python with
-# torch, transformers, sentence-transformers, numpy, pyarrow. Nothing is downloaded.
+# (default 470 s, 900 s with --smoke: SIGINT first, which still writes the tables, then SIGKILL 15 s later).
+# Needs only python with torch, transformers, sentence-transformers, numpy, pyarrow. Nothing is downloaded.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 OUT_DIR="${OUT:-bench_out}"
