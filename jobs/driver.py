@@ -13,7 +13,7 @@ import ray
 from jobs.finalize import finish_shard, rank_bucket
 from jobs.layout import OutputLayout
 from jobs.pool import ActorPool, actor_resources
-from jobs.storage import exists, list_dir
+from jobs.storage import exists, list_dir, read_json
 
 
 def connect(address: str | None) -> None:
@@ -42,7 +42,8 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
     first_ready = None
     if pending:
         n, resources = actor_resources(args.num_actors)
-        pool = ActorPool(spec, n, resources, max_retries=args.max_shard_retries)
+        pool = ActorPool(spec, n, resources, max_retries=args.max_shard_retries,
+                         recover=lambda shard: _committed_stats(layout, shard))
         bar = _progress(sum(s["row_end"] - s["row_start"] for s in pending), args.quiet)
 
         def on_done(stats: dict) -> None:
@@ -55,13 +56,13 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
             failed = pool.run(pending, on_done)
             infos = pool.actor_info()
             engine_info = {**(infos[0] if infos else {}), "actors": n, "actor_resources": resources}
-            replaced = pool.replaced
+            replaced, recovered = pool.replaced, pool.recovered
             first_ready = pool.first_ready
         finally:
             pool.shutdown()  # frees the GPUs (and a CPU actor's cores) for the ranking pass
             bar.close()
     else:
-        replaced = 0
+        replaced = recovered = 0
     score_end = time.perf_counter()
     score_s = score_end - score_t0
     actor_start_s = min(first_ready - score_t0_mono, score_s) if first_ready else 0.0  # reported apart
@@ -72,9 +73,18 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
     totals = _check_totals(plan, stats, failed)
     totals.update(wall_s=time.perf_counter() - t0, ray_start_s=ray_start_s, score_s=score_s,
                   actor_start_s=actor_start_s, score_after_ready_s=score_s - actor_start_s,
-                  finalize_s=finalize_s, actors_replaced=replaced, docs_collapsed=collapsed)
+                  finalize_s=finalize_s, actors_replaced=replaced,
+                  shards_recovered_after_actor_death=recovered, docs_collapsed=collapsed)
     _summary(totals, per_actor, args.quiet)
     return {"failed": failed, "totals": totals, "provenance": provenance, "engine": engine_info}
+
+
+def _committed_stats(layout: OutputLayout, shard: dict) -> dict | None:
+    """A shard whose actor died after its commit (the reply lost with the process) is done: its stats are on
+    storage, written just before the scored file."""
+    if exists(layout.scored(shard["name"])) and exists(layout.shard_stats(shard["name"])):
+        return read_json(layout.shard_stats(shard["name"]))
+    return None
 
 
 def _finalize(spec: dict, plan, layout: OutputLayout, top_k: int | None) -> int:

@@ -1,12 +1,14 @@
 """The actor pool: one model per GPU, shards fed to whichever actor is free, failures retried elsewhere.
 
 The driver only schedules: actors read their shards and write their outputs; what comes back is a
-stats dict per shard. At most `inflight_per_actor` shards wait per actor, so driver memory stays flat
-however many shards there are. An actor that dies (process killed, node gone) is replaced, and the shard it
-was running goes to a live actor with its attempt count raised (a shard queued behind it goes back as it
-was: it never started); a shard that fails `max_retries + 1` times is reported failed, never retried
-forever. An actor that dies while loading its model is replaced too (a bounded number of times); one whose
-model fails to load stops the job with the loader's error.
+stats dict per shard. Each actor runs one call at a time and the driver reserves it one more shard, which
+the actor reads ahead while it scores (so storage reads stay off the device's critical path) and which an
+idle actor may take over at the end of the job. With one call per actor, a death is charged to exactly the
+shard that was running: its attempt count rises and it goes to a live actor (unless its commit landed
+before the actor died: then its stats are read back and nothing reruns); the reserved shard goes back as
+it was. A shard that fails `max_retries + 1` times is reported failed, never retried forever. An actor that
+dies while loading its model is replaced too (a bounded number of times); one whose model fails to load
+stops the job with the loader's error. Driver memory stays flat: two shard descriptions per actor.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from jobs.worker import ShardWorker
 
@@ -28,7 +30,8 @@ class _Slot:
     created: float
     ready: bool = False
     info: dict = field(default_factory=dict)
-    order: list = field(default_factory=list)  # refs of calls in flight, in submission order
+    running: tuple | None = None  # (ref, shard, attempt): the one call this actor is executing
+    reserved: tuple | None = None  # (shard, attempt): its next shard, which it is reading ahead
 
 
 def actor_resources(num_actors: int | None) -> tuple[int, dict]:
@@ -47,17 +50,19 @@ def actor_resources(num_actors: int | None) -> tuple[int, dict]:
 
 class ActorPool:
     def __init__(self, spec: dict, num_actors: int, resources: dict, *, max_retries: int,
-                 inflight_per_actor: int = 2, start_timeout_s: float = 900.0):
+                 start_timeout_s: float = 900.0, recover=None):
+        """`recover(shard) -> stats | None`: a shard's committed stats, asked when its actor died mid-call."""
         self.spec = spec
         self.target = num_actors
         self.resources = resources
         self.max_retries = max_retries
-        self.inflight_per_actor = inflight_per_actor
         self.start_timeout_s = start_timeout_s
+        self.recover = recover or (lambda shard: None)
         self.remote_cls = ray.remote(ShardWorker)
         self.slots: list[_Slot] = []
         self.replaced = 0
         self.start_failures = 0
+        self.recovered = 0
         self.first_ready: float | None = None
         for _ in range(num_actors):
             self._add()
@@ -79,7 +84,6 @@ class ActorPool:
     def run(self, shards: list[dict], on_done) -> list[dict]:
         """Process every shard; `on_done(stats)` per success. Returns stats rows of failed shards."""
         queue = deque((s, 1) for s in shards)
-        inflight: dict = {}  # ref -> (shard, attempt, slot)
         failed: list[dict] = []
 
         def retry_or_fail(shard: dict, attempt: int, reason: str) -> None:
@@ -88,21 +92,17 @@ class ActorPool:
             else:
                 failed.append(_failed(shard, attempt, reason))
 
-        while queue or inflight:
-            for slot in self.slots:
-                while slot.ready and queue and len(slot.order) < self.inflight_per_actor:
-                    shard, attempt = queue.popleft()
-                    ref = slot.handle.process.remote(shard, attempt)
-                    inflight[ref] = (shard, attempt, slot)
-                    slot.order.append(ref)
+        while True:
+            self._assign(queue)
+            calls = {s.running[0]: s for s in self.slots if s.running}
+            if not calls and not queue and not any(s.reserved for s in self.slots):
+                break  # all done (an actor still starting as a replacement is not waited for)
             pending_ready = {s.ready_ref: s for s in self.slots if not s.ready}
-            refs = list(inflight) + list(pending_ready)
-            if not refs:
-                if queue:  # every actor is gone and none can start: report what is left
-                    failed += [_failed(s, a, "no actor could be started to run this shard") for s, a in queue]
-                    queue.clear()
+            if not calls and not pending_ready:  # every actor is gone and none can start: report what is left
+                left = list(queue) + [s.reserved for s in self.slots if s.reserved]
+                failed += [_failed(s, a, "no actor could be started to run this shard") for s, a in left]
                 break
-            done, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+            done, _ = ray.wait(list(calls) + list(pending_ready), num_returns=1, timeout=1.0)
             for slot in list(self.slots):
                 if not slot.ready and time.monotonic() - slot.created > self.start_timeout_s:
                     self._drop(slot, replace=False)  # e.g. the cluster lost the GPU it would need
@@ -110,24 +110,44 @@ class ActorPool:
                 if ref in pending_ready:
                     self._started(pending_ready[ref])
                     continue
-                if ref not in inflight:  # already settled along with its dead actor
-                    continue
-                shard, attempt, slot = inflight[ref]
+                slot = calls[ref]
+                _, shard, attempt = slot.running
+                slot.running = None
                 try:
                     on_done(ray.get(ref))
-                except RayActorError:
-                    # Every call the dead actor still held, in submission order (this one among them).
-                    lost = [(r, *inflight.pop(r)[:2]) for r in slot.order]
-                    slot.order.clear()
-                    self._settle_dead_actor(slot, lost, on_done, queue, retry_or_fail)
-                    continue
+                except RayActorError as e:
+                    self._settle_dead_actor(slot, shard, attempt, e, on_done, queue, retry_or_fail)
                 except RayTaskError as e:
                     retry_or_fail(shard, attempt, _short(e))
                 except RayError as e:  # e.g. the task's worker was killed by Ray's memory monitor
                     retry_or_fail(shard, attempt, f"{type(e).__name__}: {_first_line(e)}")
-                del inflight[ref]
-                slot.order.remove(ref)
         return failed
+
+    def _assign(self, queue: deque) -> None:
+        """Every idle ready actor starts its reserved shard (else the next queued one, else one reserved by a
+        busy actor), and reserves the next queued shard to read ahead."""
+        for slot in self.slots:
+            if not slot.ready or slot.running:
+                continue
+            job, slot.reserved = slot.reserved, None
+            if job is None and queue:
+                job = queue.popleft()
+            if job is None:
+                job = self._steal()
+            if job is None:
+                continue
+            slot.reserved = queue.popleft() if queue else None
+            ahead = slot.reserved[0] if slot.reserved else None
+            ref = slot.handle.process.remote(job[0], job[1], ahead)
+            slot.running = (ref, *job)
+
+    def _steal(self) -> tuple | None:
+        """A shard reserved by a busy actor, so no actor idles while another has work waiting behind it."""
+        for other in self.slots:
+            if other.running and other.reserved:
+                job, other.reserved = other.reserved, None
+                return job
+        return None
 
     def _started(self, slot: _Slot) -> None:
         try:
@@ -146,35 +166,22 @@ class ActorPool:
         except Exception as e:
             raise RuntimeError(f"actor failed to start: {e}") from e
 
-    def _settle_dead_actor(self, slot: _Slot, lost: list, on_done, queue: deque, retry_or_fail) -> None:
-        """An actor died: replace it, and settle every shard it held, oldest first.
-
-        Ray runs an actor's tasks in submission order, so of the shards whose calls failed with the actor only
-        the oldest was running: it is charged an attempt (a shard that kills its actor every time ends up
-        reported, not retried forever). Shards queued behind it never started: they go back as they were.
-        """
+    def _settle_dead_actor(self, slot: _Slot, shard: dict, attempt: int, error: RayActorError, on_done,
+                           queue: deque, retry_or_fail) -> None:
+        """An actor died running `shard`: replace it; the shard is charged an attempt (a shard that kills its
+        actor every time ends up reported, not retried forever) unless it had committed before the death.
+        The shard reserved to the actor never started: it goes back to the queue as it was."""
+        if slot.reserved:
+            queue.appendleft(slot.reserved)
+            slot.reserved = None
         if slot in self.slots:
             self._drop(slot, replace=True)
-        refs = [r for r, _, _ in lost]
-        ray.wait(refs, num_returns=len(refs), timeout=60.0)  # a dead actor's calls resolve (to errors) promptly
-        charged = False
-        requeue = []
-        for ref, shard, attempt in lost:
-            try:
-                on_done(ray.get(ref, timeout=0))
-            except RayActorError as e:
-                if not charged:
-                    charged = True
-                    retry_or_fail(shard, attempt, f"actor died: {type(e).__name__}: {_first_line(e)}")
-                else:
-                    requeue.append((shard, attempt))
-            except GetTimeoutError:
-                requeue.append((shard, attempt))  # cannot tell yet: it never finished, so it runs again
-            except RayTaskError as e:
-                retry_or_fail(shard, attempt, _short(e))
-            except RayError as e:
-                retry_or_fail(shard, attempt, f"{type(e).__name__}: {_first_line(e)}")
-        queue.extendleft(reversed(requeue))
+        stats = self.recover(shard)
+        if stats is not None:
+            self.recovered += 1
+            on_done(stats)
+        else:
+            retry_or_fail(shard, attempt, f"actor died: {type(error).__name__}: {_first_line(error)}")
 
     def actor_info(self) -> list[dict]:
         return [s.info for s in self.slots if s.ready]

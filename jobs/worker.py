@@ -18,9 +18,9 @@ import zlib
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from jobs.layout import OutputLayout
+from jobs.read_ahead import ShardReader
 from jobs.storage import list_dir, locate, write_json, write_parquet
 from schemas.contract import (
     DOC, DOC_ID, FIRST_STAGE_RANK, FIRST_STAGE_SCORE, LABEL, QUERY, QUERY_ID, RESCORED, SCORE, ColumnMap,
@@ -63,18 +63,22 @@ class ShardWorker:
         self.layout = OutputLayout(locate(spec["output"]))
         self.cols = ColumnMap(**spec["columns"])
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.reader = ShardReader()
 
     def describe(self) -> dict:
         return {**self.engine.describe(), "actor": self.name, "load_s": self.load_s, "warmup_s": self.warmup_s}
 
-    def process(self, shard: dict, attempt: int = 1) -> dict:
+    def process(self, shard: dict, attempt: int = 1, read_ahead: dict | None = None) -> dict:
+        """Score one shard and commit its outputs; start reading `read_ahead` (the next shard the driver has
+        reserved for this actor) once this shard's rows are in hand."""
         t0 = time.perf_counter()
         stats = {"shard": shard["name"], "input_path": shard["uri"], "row_start": shard["row_start"],
                  "row_end": shard["row_end"], "attempts": attempt, "actor": self.name,
                  "node": socket.gethostname(), **{k: v for k, v in self.engine.describe().items()
                                                   if k in ("device_name", "dtype", "engine", "attention", "compiled")}}
-        table = self._read(shard)
-        stats["read_s"] = time.perf_counter() - t0
+        table, _ = self.reader.read(shard)
+        stats["read_s"] = time.perf_counter() - t0  # the wait for rows: near 0 when read ahead
+        self.reader.read_ahead(read_ahead)
         stats["rows_in"] = table.num_rows
         source_row = np.arange(shard["row_start"], shard["row_start"] + table.num_rows, dtype=np.int64)
         accepted, rejected, _ = split_rejects(to_canonical(table, self.cols), source_row)
@@ -114,15 +118,8 @@ class ShardWorker:
                                  f"{stats['rows_scored']} scored + {stats['rows_rejected']} rejected")
         write_json(stats, self.layout.shard_stats(shard["name"]))
         write_parquet(scored, self.layout.scored(shard["name"]))
+        self._maybe_fail(shard, attempt, "after_commit")
         return stats
-
-    def _read(self, shard: dict) -> pa.Table:
-        loc = locate(shard["uri"])
-        with loc.fs.open_input_file(loc.path) as f:
-            pf = pq.ParquetFile(f)
-            if not shard["row_groups"]:
-                return pf.schema_arrow.empty_table()
-            return pf.read_row_groups(list(shard["row_groups"]))
 
     def _write_keys(self, shard: dict, scored: pa.Table) -> None:
         """The few columns the cross-shard ranking pass needs, split by query bucket."""

@@ -1,0 +1,78 @@
+"""The worker's read ahead: the next shard's rows are read in the background and handed over when its turn
+comes; a read ahead of another shard is dropped, and a failed one is repeated so the error is the shard's own."""
+from __future__ import annotations
+
+import threading
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import write_shortlists
+
+
+def _shards(folder):
+    from jobs.plan import make_plan
+    from schemas.contract import ColumnMap
+
+    return [s.to_dict() for s in make_plan([str(folder)], ColumnMap(), 80).shards]
+
+
+def test_read_ahead_hands_over_the_same_rows(tmp_path):
+    from jobs.read_ahead import ShardReader, read_shard
+
+    shards = _shards(write_shortlists(tmp_path / "in", files=2))  # 4 shards of 80 rows
+    reader = ShardReader()
+    first, ahead = reader.read(shards[0])
+    assert not ahead and first.num_rows == 80
+    reader.read_ahead(shards[1])
+    second, ahead = reader.read(shards[1])
+    assert ahead and second.equals(read_shard(shards[1]))
+    # A read ahead of a shard that is then not asked for is dropped; the asked one is read now.
+    reader.read_ahead(shards[2])
+    third, ahead = reader.read(shards[3])
+    assert not ahead and third.equals(read_shard(shards[3]))
+    fourth, ahead = reader.read(shards[2])
+    assert not ahead and fourth.equals(read_shard(shards[2]))
+
+
+def test_read_ahead_runs_in_the_background(tmp_path):
+    from jobs import read_ahead
+
+    shards = _shards(write_shortlists(tmp_path / "in", files=1))
+    gate, started = threading.Event(), threading.Event()
+    real = read_ahead.read_shard
+
+    def slow_read(shard):
+        started.set()
+        assert gate.wait(10), "the reader did not return before the read finished"
+        return real(shard)
+
+    reader = read_ahead.ShardReader()
+    read_ahead.read_shard = slow_read
+    try:
+        reader.read_ahead(shards[1])  # returns at once although the read is blocked
+        assert started.wait(10)
+        gate.set()
+        table, ahead = reader.read(shards[1])
+    finally:
+        read_ahead.read_shard = real
+    assert ahead and table.num_rows == 80
+
+
+def test_failed_read_ahead_raises_in_the_shards_own_read(tmp_path):
+    from jobs.read_ahead import ShardReader
+
+    folder = write_shortlists(tmp_path / "in", files=1)
+    shards = _shards(folder)
+    path = folder / "part-0.parquet"
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])  # truncated while the read ahead runs
+    reader = ShardReader()
+    reader.read_ahead(shards[1])
+    with pytest.raises(Exception) as first:
+        reader.read(shards[1])
+    path.write_bytes(good)  # fixed: a new read succeeds (nothing cached from the failure)
+    reader.read_ahead(shards[1])
+    table, ahead = reader.read(shards[1])
+    assert ahead and table.equals(pq.read_table(path).slice(80, 80))
+    assert first.value is not None
