@@ -56,7 +56,7 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, r
         attn_implementation="sdpa",
         use_safetensors=True,  # never unpickle weights
     )
-    model.eval().to(device)
+    model.eval().to(device=device, dtype=dtype)  # the dtype again: remote-code models may ignore the argument
     return LoadedModel(model=model, tokenizer=tokenizer, max_length=model_max_length(model.config, tokenizer))
 
 
