@@ -92,6 +92,8 @@ def _bench(args, work: Path) -> None:
          + "; target >= 0.85"),
         ("job scoring only / engine", f"{med([s / e for s, e in zip(scoring_pps, engine_pps)]):.2f}x",
          "the actors alone, ranking pass left out"),
+        ("actor busy in scoring phase", f"{med([t['actor_busy'] for t in runs]):.1%}",
+         "time inside shards / scoring time (the rest: gaps between shards)"),
         ("job start-up (apart)", f"{med([t['ray_start_s'] + t['actor_start_s'] for t in runs]):.1f} s",
          f"Ray {med([t['ray_start_s'] for t in runs]):.1f} s + actor start and model load "
          f"{med([t['actor_start_s'] for t in runs]):.1f} s"),
@@ -110,8 +112,13 @@ def _run_job(inp: Path, out: Path, model_dir: Path, shard_rows: int, env: dict) 
                     str(model_dir), "--no-report", "--quiet", "--shard-rows", str(shard_rows)],
                    check=True, env=env)
     totals = json.loads((out / "manifest.json").read_text())["totals"]
+    shards = pq.read_table(out / "stats.parquet", columns=["actor", "wall_s"]).to_pylist()
+    actors = len({s["actor"] for s in shards})
     return {**totals, "busy": totals["score_after_ready_s"] + totals["finalize_s"],
-            "command_s": time.perf_counter() - t0}
+            "command_s": time.perf_counter() - t0,
+            # Share of the scoring phase the actors spent inside shards (the rest: scheduling gaps, and any
+            # actor that started later than the first).
+            "actor_busy": sum(s["wall_s"] for s in shards) / max(actors, 1) / totals["score_after_ready_s"]}
 
 
 if __name__ == "__main__":

@@ -57,7 +57,16 @@ def _expected_positions(model, inp) -> pl.DataFrame:
     return df.with_columns((pl.int_range(pl.len()).over("query_id") + 1).alias("expected_position"))
 
 
-def test_job_end_to_end(ray_local, tiny_bert, shortlist_dir, tmp_path, capsys):
+@pytest.mark.parametrize("ranking", ["driver", "ray tasks"])
+def test_job_end_to_end(ray_local, tiny_bert, shortlist_dir, tmp_path, capsys, monkeypatch, ranking):
+    """The whole job; the ranking pass both ways: in the driver as a small job runs it (one bucket), and as
+    Ray tasks over several query buckets as a large job runs it (forced here by lowering both thresholds)."""
+    import jobs.driver
+    import jobs.plan
+
+    if ranking == "ray tasks":
+        monkeypatch.setattr(jobs.driver, "LOCAL_RANK_ROWS", 0)
+        monkeypatch.setattr(jobs.plan, "KEY_ROWS_PER_BUCKET", 40)
     out = tmp_path / "out"
     code, err = _run(["--input", str(shortlist_dir), "--output", str(out), "--model", str(tiny_bert),
                       "--shard-rows", "30", "--top-k", "3", "--engine", "packed", "--no-report"], capsys)
@@ -102,6 +111,8 @@ def test_job_end_to_end(ray_local, tiny_bert, shortlist_dir, tmp_path, capsys):
     assert manifest["engine"]["actor_resources"]["num_gpus"] == 1
     assert manifest["model"]["weights_sha256"] and manifest["libraries"]["torch"]
     assert manifest["totals"]["rows_scored"] == scores.height
+    assert manifest["totals"]["ranking_ran_in"] == ranking
+    assert (manifest["totals"]["ranking_buckets"] > 3) == (ranking == "ray tasks") == (plan["buckets"] > 3)
     assert len(manifest["inputs"]) == 3 and all(f["bytes"] > 0 for f in manifest["inputs"])
     assert "pairs/s overall" in err
 
