@@ -27,7 +27,9 @@ def main() -> None:
     ap.add_argument("--mix", default="mixed")
     ap.add_argument("--pairs", type=int, default=2000)
     ap.add_argument("--candidates", type=int, default=50)
-    ap.add_argument("--engine", nargs="+", default=["packed", "padded"], choices=["packed", "padded"])
+    ap.add_argument("--engine", nargs="+", default=["packed", "padded"],
+                    choices=["packed", "padded", "packed-compiled", "padded-compiled"],
+                    help="engine runners; -compiled: torch.compile'd, warmed up (compiled) before any timing")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--budget", type=int, default=None, help="engine token budget (default: the engine's)")
     ap.add_argument("--anchor-batch-size", type=int, default=32)
@@ -49,11 +51,13 @@ def main() -> None:
     items = [[q, d] for q, d in zip(pairs.queries, pairs.docs)]
     bs = args.anchor_batch_size
     runners = {"anchor": lambda: np.asarray(ce.predict(items, batch_size=bs, show_progress_bar=False), np.float32)}
-    for kind in args.engine:
+    for name in args.engine:
+        kind, _, variant = name.partition("-")
         eng = Engine.from_model(bundle.model, bundle.tokenizer, EngineConfig(
-            device=args.device, dtype=args.dtype, engine=kind, max_batch_tokens=args.budget))
+            device=args.device, dtype=args.dtype, engine=kind, max_batch_tokens=args.budget,
+            compile=variant == "compiled"))
         eng.warmup()
-        runners[kind] = (lambda e: lambda: e.score(pairs.queries, pairs.docs)[0])(eng)
+        runners[name] = (lambda e: lambda: e.score(pairs.queries, pairs.docs)[0])(eng)
     for fn in runners.values():  # one untimed pass each: caches, allocator, thread pools
         fn()
 
@@ -72,13 +76,13 @@ def main() -> None:
 
     print(f"\n{args.model}, {args.mix}, {n:,} pairs ({real_tokens / n:.0f} tokens a pair), {args.dtype} on "
           f"{args.device}, {args.rounds} interleaved rounds; anchor = CrossEncoder.predict(batch_size={bs})")
-    print(f"{'runner':<10} {'pairs/s':>9} {'x anchor':>9}  per-round ratios to the anchor pass beside it    "
+    print(f"{'runner':<16} {'pairs/s':>9} {'x anchor':>9}  per-round ratios to the anchor pass beside it    "
           f"max |diff| vs anchor")
     for name in runners:
         rates = [pps(name, r) for r in range(args.rounds)]
         ratios = [pps(name, r) / pps("anchor", r) for r in range(args.rounds)]
         diff = float(np.abs(scores[name] - scores["anchor"]).max())
-        print(f"{name:<10} {statistics.median(rates):>9,.1f} {statistics.median(ratios):>8.2f}x  "
+        print(f"{name:<16} {statistics.median(rates):>9,.1f} {statistics.median(ratios):>8.2f}x  "
               f"{', '.join(f'{x:.2f}' for x in ratios):<46} {diff:.1e}")
     if args.out:
         with open(args.out, "w") as f:
