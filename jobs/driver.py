@@ -87,10 +87,8 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
 
 def _committed_stats(layout: OutputLayout, shard: dict) -> dict | None:
     """A shard whose actor died after its commit (the reply lost with the process) is done: its stats are on
-    storage, written just before the scored file."""
-    if exists(layout.scored(shard["name"])) and exists(layout.shard_stats(shard["name"])):
-        return read_json(layout.shard_stats(shard["name"]))
-    return None
+    storage, written just before the scored file (so a scored file implies them)."""
+    return read_json(layout.shard_stats(shard["name"])) if exists(layout.scored(shard["name"])) else None
 
 
 def _finalize(spec: dict, plan, layout: OutputLayout, top_k: int | None) -> tuple[int, str]:

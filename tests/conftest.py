@@ -96,6 +96,14 @@ def write_shortlists(folder: Path, files: int = 2, n_queries: int = 8, per_query
     return folder
 
 
+def plan_shards(folder: Path, shard_rows: int = 80) -> list[dict]:
+    """The shards the job would cut `folder` into, as the pool hands them to workers."""
+    from jobs.plan import make_plan
+    from schemas.contract import ColumnMap
+
+    return [s.to_dict() for s in make_plan([str(folder)], ColumnMap(), shard_rows).shards]
+
+
 def _decoded(table: pa.Table) -> pa.Table:
     """Dictionary-encoded columns (pandas category, Polars Categorical) as plain ones, so files concatenate."""
     for i, f in enumerate(table.schema):

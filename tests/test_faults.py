@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import (
-    PY, ROOT, assert_each_row_once, job_args, kill_session, read_dir, shortlist_rows, subprocess_env,
-    write_shortlists,
+    PY, ROOT, assert_each_row_once, job_args, kill_session, plan_shards, read_dir, shortlist_rows,
+    subprocess_env, write_shortlists,
 )
 
 
@@ -55,10 +55,7 @@ def assert_same_scores(out: Path, reference: dict[tuple, float]) -> None:
 
 
 def shard_names(inp: Path) -> list[str]:
-    from jobs.plan import make_plan
-    from schemas.contract import ColumnMap
-
-    return [s.name for s in make_plan([str(inp)], ColumnMap(), 80).shards]
+    return [s["name"] for s in plan_shards(inp)]
 
 
 def shard_worker_pids(root_pid: int, method: str | None = None) -> list[int]:

@@ -7,20 +7,13 @@ import threading
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_shortlists
-
-
-def _shards(folder):
-    from jobs.plan import make_plan
-    from schemas.contract import ColumnMap
-
-    return [s.to_dict() for s in make_plan([str(folder)], ColumnMap(), 80).shards]
+from conftest import plan_shards, write_shortlists
 
 
 def test_read_ahead_hands_over_the_same_rows(tmp_path):
     from jobs.read_ahead import ShardReader, read_shard
 
-    shards = _shards(write_shortlists(tmp_path / "in", files=2))  # 4 shards of 80 rows
+    shards = plan_shards(write_shortlists(tmp_path / "in", files=2))  # 4 shards of 80 rows
     reader = ShardReader()
     first, ahead = reader.read(shards[0])
     assert not ahead and first.num_rows == 80
@@ -38,7 +31,7 @@ def test_read_ahead_hands_over_the_same_rows(tmp_path):
 def test_read_ahead_runs_in_the_background(tmp_path):
     from jobs import read_ahead
 
-    shards = _shards(write_shortlists(tmp_path / "in", files=1))
+    shards = plan_shards(write_shortlists(tmp_path / "in", files=1))
     gate, started = threading.Event(), threading.Event()
     real = read_ahead.read_shard
 
@@ -63,7 +56,7 @@ def test_failed_read_ahead_raises_in_the_shards_own_read(tmp_path):
     from jobs.read_ahead import ShardReader
 
     folder = write_shortlists(tmp_path / "in", files=1)
-    shards = _shards(folder)
+    shards = plan_shards(folder)
     path = folder / "part-0.parquet"
     good = path.read_bytes()
     path.write_bytes(good[: len(good) // 2])  # truncated while the read ahead runs
