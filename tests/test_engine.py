@@ -102,8 +102,12 @@ def test_packed_self_check(family, dtype, tiny_bert, tiny_xlmr):
     in fp32 and in a low precision (bf16 runs on CPU too)."""
     eng = Engine.from_pretrained(tiny_bert if family == "bert" else tiny_xlmr, EngineConfig(engine="packed", dtype=dtype))
     assert eng._self_check(eng.packed) is None
+    # Broken: the first layer's QKV x3 moves a tiny random model's logits by only ~2% (fp32), inside bf16's own
+    # rounding on some builds of the tiny model; in bf16 every layer's QKV x10 (7-14x over the bound, measured).
+    qkv = [k for k in eng.packed.state_dict() if "qkv.weight" in k]
     with torch.no_grad():
-        eng.packed.state_dict()[next(k for k in eng.packed.state_dict() if "qkv.weight" in k)].mul_(3.0)
+        for k in qkv[:1] if dtype == "float32" else qkv:
+            eng.packed.state_dict()[k].mul_(3.0 if dtype == "float32" else 10.0)
     assert "relative error" in eng._self_check(eng.packed)
 
 
