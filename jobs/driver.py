@@ -14,7 +14,7 @@ import ray
 from jobs.finalize import finish_shard, rank_bucket
 from jobs.layout import OutputLayout
 from jobs.pool import ActorPool, actor_resources
-from jobs.storage import exists, list_dir, read_json
+from jobs.storage import delete_file, exists, list_dir, read_json
 
 # Below this many input rows the driver ranks in-process: measured on 20,000 pairs, ranking plus writing the
 # final files took 0.3 s of work but 1.8-3.0 s as Ray tasks (fresh worker processes importing polars).
@@ -66,6 +66,7 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
         finally:
             pool.shutdown()  # frees the GPUs (and a CPU actor's cores) for the ranking pass
             bar.close()
+        _withdraw_rejects(layout, failed)
     else:
         replaced = recovered = 0
     score_end = time.perf_counter()
@@ -89,6 +90,15 @@ def _committed_stats(layout: OutputLayout, shard: dict) -> dict | None:
     """A shard whose actor died after its commit (the reply lost with the process) is done: its stats are on
     storage, written just before the scored file (so a scored file implies them)."""
     return read_json(layout.shard_stats(shard["name"])) if exists(layout.scored(shard["name"])) else None
+
+
+def _withdraw_rejects(layout: OutputLayout, failed: list[dict]) -> None:
+    """A shard writes its rejects before it commits, so one that failed may have left them: remove them, so
+    that OUT/rejects/ holds only rows of committed shards and no row of a failed shard is half accounted for.
+    Safe only once the pool is shut down (no actor can still be writing); a rerun rewrites them."""
+    for shard in failed:
+        if delete_file(layout.rejects(shard["shard"])):
+            print(f"removed the rejects of failed shard {shard['shard']} (a rerun rewrites them)", file=sys.stderr)
 
 
 def _finalize(spec: dict, plan, layout: OutputLayout, top_k: int | None) -> tuple[int, str]:

@@ -148,6 +148,14 @@ def remove_temporaries(loc: Location) -> int:
     return len(stale)
 
 
+def delete_file(loc: Location) -> bool:
+    """Delete one file if it is there; returns whether it was."""
+    if not exists(loc):
+        return False
+    loc.fs.delete_file(loc.path)
+    return True
+
+
 def delete_dir(loc: Location) -> None:
     if exists(loc):
         loc.fs.delete_dir(loc.path)

@@ -203,9 +203,10 @@ def test_failing_shards_are_bounded_reported_and_finished_by_a_rerun(ray_local, 
     bad = {n for n in names if n.startswith(("part-00-", "part-01-", "part-02-"))}
     assert len(bad) == 3
     out = tmp_path / "out"
-    monkeypatch.setenv("CROSSRANK_FAULT_POINT", "before_score")
+    # Dies on every attempt, after writing its rejects (the first file of its commit order).
+    monkeypatch.setenv("CROSSRANK_FAULT_POINT", "before_commit")
     monkeypatch.setenv("CROSSRANK_FAULT_SHARD", killer_shard)
-    monkeypatch.setenv("CROSSRANK_FAULT_ATTEMPTS", "1000")  # dies on every attempt
+    monkeypatch.setenv("CROSSRANK_FAULT_ATTEMPTS", "1000")
     rc, err = run_job(job_args(inp, out, tiny_model, "--max-shard-retries", 1), capsys)
     assert rc == 1, err
     assert "4 shard(s) failed" in err
@@ -223,6 +224,8 @@ def test_failing_shards_are_bounded_reported_and_finished_by_a_rerun(ray_local, 
     assert ok and all(stats[n]["status"] == "ok" for n in ok)
     committed = {p.stem: p.stat().st_mtime_ns for p in (out / "_work" / "scored").glob("*.parquet")}
     assert set(committed) == set(ok)
+    # No row of a failed shard is left half accounted for: its rejects went with it.
+    assert {p.stem for p in (out / "rejects").glob("*.parquet")} == set(ok)
     manifest = manifest_of(out)
     assert manifest["status"] == "incomplete" and set(manifest["failed_shards"]) == bad | {killer_shard}
 
