@@ -14,7 +14,7 @@ import ray
 from jobs.finalize import finish_shard, rank_bucket
 from jobs.layout import OutputLayout
 from jobs.pool import ActorPool, actor_resources
-from jobs.storage import delete_file, exists, list_dir, read_json
+from jobs.storage import delete_file, exists, read_json
 
 # Below this many input rows the driver ranks in-process: measured on 20,000 pairs, ranking plus writing the
 # final files took 0.3 s of work but 1.8-3.0 s as Ray tasks (fresh worker processes importing polars).
@@ -34,7 +34,8 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
 
     t0 = time.perf_counter()
     connect(args.address)
-    pending = [s.to_dict() for s in plan.shards if not exists(layout.scored(s.name))]
+    committed = layout.committed_shards()
+    pending = [s.to_dict() for s in plan.shards if s.name not in committed]
     skipped = len(plan.shards) - len(pending)
     if skipped:
         print(f"resuming: {skipped} of {len(plan.shards)} shard(s) already committed", file=sys.stderr)
@@ -106,10 +107,10 @@ def _finalize(spec: dict, plan, layout: OutputLayout, top_k: int | None) -> tupl
     cluster, or the driver itself for a small job. Returns the passages collapsed and where it ran."""
     names = {s.seq: s.name for s in plan.shards}
     by_bucket: dict[int, list[str]] = {}
+    key_files = layout.key_files()
     for s in plan.shards:
-        keys_dir = layout.keys_dir(s.name)
-        for fname in list_dir(keys_dir):
-            by_bucket.setdefault(int(fname[1:6]), []).append(keys_dir.child(fname).uri)
+        for loc in key_files.get(s.name, []):
+            by_bucket.setdefault(int(loc.path.rsplit("/", 1)[1][1:6]), []).append(loc.uri)
     if plan.total_rows <= LOCAL_RANK_ROWS:
         ranked = [rank_bucket(spec["output"], b, by_bucket.get(b, []), names, top_k) for b in range(plan.buckets)]
         for s in plan.shards:

@@ -1,7 +1,7 @@
 """Where everything lives under --output. One place, so the worker, finalizer and driver agree."""
 from __future__ import annotations
 
-from jobs.storage import Location
+from jobs.storage import Location, list_dir, list_files
 
 SCORES = "scores"  # final rescored shards, one file per input shard
 REJECTS = "rejects"  # rows that could not be scored, with reject_reason
@@ -22,6 +22,15 @@ class OutputLayout:
     def scored(self, shard: str) -> Location:  # phase-1 output: scores, before cross-shard positions
         return self.root.child(WORK, "scored", f"{shard}.parquet")
 
+    def committed_shards(self) -> set[str]:
+        """Shards whose phase-1 output exists (committed), from one listing rather than a call per shard."""
+        return {n.removesuffix(".parquet") for n in list_dir(self.root.child(WORK, "scored"))}
+
+    def key_files(self) -> dict[str, list[Location]]:
+        """Each shard's key files (one per bucket it has rows in), from one recursive listing."""
+        keys = self.root.child(WORK, "keys")
+        return {shard: [keys.child(shard, n) for n in names] for shard, names in list_files(keys).items() if shard}
+
     def keys_dir(self, shard: str) -> Location:
         return self.root.child(WORK, "keys", shard)
 
@@ -38,7 +47,11 @@ class OutputLayout:
         return self.root.child(WORK, "positions", "_done", f"b{bucket:05d}.json")
 
     def shard_stats(self, shard: str) -> Location:
-        return self.root.child(WORK, "stats", f"{shard}.json")
+        return self.shard_stats_dir.child(f"{shard}.json")
+
+    @property
+    def shard_stats_dir(self) -> Location:
+        return self.root.child(WORK, "stats")
 
     def shortlist(self, bucket: int) -> Location:
         return self.root.child(SHORTLISTS, f"b{bucket:05d}.parquet")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, asdict
 
 import pyarrow.parquet as pq
 
-from jobs.storage import Location, list_parquet
+from jobs.storage import Location, list_parquet, parallel
 from schemas.contract import ColumnMap, InputSchemaError, check_consistency, check_file_schema
 
 KEY_ROWS_PER_BUCKET = 2_000_000  # rows of (query_id, doc_id, score, ...) one finalize task holds at once
@@ -103,21 +103,33 @@ def shard_name(uri: str, row_start: int) -> str:
     return f"{stem}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}-r{row_start:010d}"
 
 
+def _footer(loc: Location) -> tuple[int | None, pq.FileMetaData | str]:
+    """A file's size and Parquet footer, from one open; an unreadable footer comes back as its error, and the
+    file is planned as one shard that fails when run, and is reported."""
+    try:
+        with loc.fs.open_input_file(loc.path) as f:
+            return f.size(), pq.ParquetFile(f).metadata
+    except Exception as e:
+        try:
+            size = loc.fs.get_file_info(loc.path).size
+        except Exception:
+            size = None
+        return size, f"cannot read Parquet metadata ({type(e).__name__}: {e})"
+
+
 def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int) -> Plan:
     files = list_parquet(inputs)
     problems: list[str] = []
     schemas = {}
-    metas: dict[str, tuple[Location, pq.FileMetaData]] = {}
-    for loc in files:
-        try:
-            with loc.fs.open_input_file(loc.path) as f:
-                meta = pq.ParquetFile(f).metadata
-        except Exception as e:  # unreadable footer: planned as one shard that fails when run, and is reported
-            metas[loc.uri] = (loc, f"cannot read Parquet metadata ({type(e).__name__}: {e})")
+    metas: dict[str, tuple[Location, pq.FileMetaData | str]] = {}
+    sizes: dict[str, int | None] = {}
+    for loc, (size, meta) in zip(files, parallel(_footer, files)):
+        metas[loc.uri] = (loc, meta)
+        sizes[loc.uri] = size
+        if isinstance(meta, str):
             continue
         schema = meta.schema.to_arrow_schema()
         schemas[loc.uri] = schema
-        metas[loc.uri] = (loc, meta)
         problems += check_file_schema(loc.uri, schema, cols)
     problems += check_consistency(schemas, cols)
     if problems:
@@ -126,7 +138,7 @@ def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int) -> Plan:
     shards: list[Shard] = []
     file_rows = []
     for file_index, (uri, (loc, meta)) in enumerate(metas.items()):
-        size = loc.fs.get_file_info(loc.path).size
+        size = sizes[uri]
         first = len(shards)
 
         def add(start: int, groups: list[int], rows: int) -> None:

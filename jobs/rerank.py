@@ -19,7 +19,7 @@ from jobs import manifest as mf
 from jobs.layout import REJECTS, SCORES, SHORTLISTS, WORK, OutputLayout
 from jobs.plan import make_plan
 from jobs.storage import (
-    delete_dir, exists, list_dir, locate, read_json, remove_temporaries, write_json, write_parquet,
+    delete_dir, exists, list_dir, locate, parallel, read_json, remove_temporaries, write_json, write_parquet,
 )
 from kernels.loading import model_provenance
 from schemas.contract import STATS_SCHEMA, ColumnMap, InputSchemaError
@@ -101,7 +101,8 @@ def prepare_output(layout: OutputLayout, plan, overwrite: bool, options: dict | 
         for sub in (SCORES, REJECTS, SHORTLISTS, WORK, "report"):
             delete_dir(layout.root.child(sub))
     elif exists(layout.plan):
-        problem = plan.resume_problem(read_json(layout.plan), lambda name: exists(layout.scored(name)))
+        committed = layout.committed_shards()
+        problem = plan.resume_problem(read_json(layout.plan), committed.__contains__)
         if problem:
             raise SystemExit(f"{layout.root.uri} holds the output of different inputs or shard sizes "
                              f"({problem}): pass --overwrite or use another --output")
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_stats(layout: OutputLayout, shard_names: list[str], failed: list[dict]) -> pa.Table:
-    rows = [read_json(layout.shard_stats(s)) for s in shard_names if exists(layout.shard_stats(s))]
+    written = set(list_dir(layout.shard_stats_dir))
+    rows = parallel(read_json, [layout.shard_stats(s) for s in shard_names if f"{s}.json" in written])
     failed_names = {f["shard"] for f in failed}
     rows = [r for r in rows if r["shard"] not in failed_names] + failed
     table = pa.Table.from_pylist([{k: r.get(k) for k in STATS_SCHEMA.names} for r in rows], schema=STATS_SCHEMA)

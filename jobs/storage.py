@@ -9,6 +9,7 @@ import fnmatch
 import json
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -16,6 +17,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 TMP_MARK = ".tmp-"
+# Concurrent metadata calls: an object store answers each in tens of milliseconds, so the driver's per-file
+# and per-shard calls (footers, stats) go in parallel; 5,000 serial calls at 40 ms are over three minutes.
+IO_THREADS = 32
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,27 @@ def exists(loc: Location) -> bool:
 
 def makedirs(loc: Location) -> None:
     loc.fs.create_dir(loc.path, recursive=True)
+
+
+def parallel(fn, items: list) -> list:
+    """`[fn(x) for x in items]`, run on IO_THREADS threads, in order; the first exception propagates."""
+    if len(items) < 2:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(min(IO_THREADS, len(items)), thread_name_prefix="storage") as pool:
+        return list(pool.map(fn, items))
+
+
+def list_files(loc: Location) -> dict[str, list[str]]:
+    """Every file under `loc` in one recursive listing (paginated on object stores, not one call per folder),
+    grouped by the folder it sits in relative to `loc` ("" for loc itself); temporary files excluded."""
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
+    root = loc.path.rstrip("/") + "/"
+    tree: dict[str, list[str]] = {}
+    for i in infos:
+        if i.type == pafs.FileType.File and TMP_MARK not in i.base_name:
+            folder = i.path[len(root):].rpartition("/")[0]
+            tree.setdefault(folder, []).append(i.base_name)
+    return {k: sorted(v) for k, v in tree.items()}
 
 
 def list_dir(loc: Location) -> list[str]:
