@@ -13,7 +13,7 @@ import polars as pl
 import pyarrow as pa
 
 from jobs.layout import OutputLayout
-from jobs.storage import exists, list_dir, locate, read_parquet, write_json, write_parquet
+from jobs.storage import exists, list_dir, locate, parallel, read_parquet, write_json, write_parquet
 from jobs.worker import DOC_HASH, ROW, SEQ
 from schemas.contract import (
     DOC_ID, DUPLICATE_DOC_IDS, DUPLICATE_OF, FIRST_STAGE_RANK, FIRST_STAGE_SCORE, QUERY_ID, RERANK_POSITION,
@@ -75,7 +75,8 @@ def rank_bucket(output: str, bucket: int, key_files: list[str], shard_by_seq: di
     done = layout.bucket_done(bucket)
     if exists(done):
         return {"bucket": bucket, "skipped": True}
-    tables = [read_parquet(locate(u)) for u in key_files]
+    # One small file per shard with rows in this bucket (thousands on a big job): read and written concurrently.
+    tables = parallel(lambda u: read_parquet(locate(u)), key_files)
     if not tables:
         write_json({"bucket": bucket, "rows": 0}, done)
         return {"bucket": bucket, "rows": 0}
@@ -86,9 +87,9 @@ def rank_bucket(output: str, bucket: int, key_files: list[str], shard_by_seq: di
     df = rerank_positions(df)
     df = df.with_columns((pl.col(SEQ) // (1 << 32)).alias("_shard_seq"))
     carried = [ROW, RERANK_POSITION, FIRST_STAGE_RANK] + [c for c in (DUPLICATE_OF, DUPLICATE_DOC_IDS) if c in df.columns]
-    for (seq,), part in df.group_by("_shard_seq"):
-        out = part.select(carried).sort(ROW)
-        write_parquet(out.to_arrow(), layout.positions(shard_by_seq[int(seq)], bucket))
+    parts = [(shard_by_seq[int(seq)], part.select(carried).sort(ROW).to_arrow())
+             for (seq,), part in df.group_by("_shard_seq")]
+    parallel(lambda p: write_parquet(p[1], layout.positions(p[0], bucket)), parts)
     if top_k:
         write_parquet(shortlists(df, top_k).to_arrow(), layout.shortlist(bucket))
     collapsed = int(df["_is_dup"].sum()) if "_is_dup" in df.columns else 0
@@ -102,7 +103,7 @@ def finish_shard(output: str, shard: str) -> dict:
     if exists(final):
         return {"shard": shard, "skipped": True}
     scored = read_parquet(layout.scored(shard))
-    parts = [read_parquet(layout.positions_dir(shard).child(n)) for n in list_dir(layout.positions_dir(shard))]
+    parts = parallel(read_parquet, [layout.positions_dir(shard).child(n) for n in list_dir(layout.positions_dir(shard))])
     n = scored.num_rows
     if parts:
         pos = pa.concat_tables(parts, promote_options="permissive")

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from jobs.layout import OutputLayout
 from jobs.read_ahead import ShardReader
-from jobs.storage import list_dir, locate, write_json, write_parquet
+from jobs.storage import list_dir, locate, parallel, write_json, write_parquet
 from schemas.contract import (
     DOC, DOC_ID, FIRST_STAGE_RANK, FIRST_STAGE_SCORE, LABEL, QUERY, QUERY_ID, RESCORED, SCORE, ColumnMap,
     split_rejects, to_canonical,
@@ -131,11 +131,11 @@ class ShardWorker:
             keys = keys.append_column(DOC_HASH, pa.array(_text_hashes(scored[DOC].to_pylist()), pa.int64()))
         keys = keys.append_column(SEQ, pa.array((np.int64(shard["seq"]) << 32) + np.arange(keys.num_rows, dtype=np.int64)))
         b = query_buckets(keys[QUERY_ID], buckets)
-        written = set()
-        for bucket in np.unique(b):
-            loc = self.layout.keys(shard["name"], int(bucket))
-            write_parquet(keys.filter(pa.array(b == bucket)), loc)
-            written.add(loc.path.rsplit("/", 1)[-1])
+        # One file per bucket the shard has queries in (up to --buckets), written concurrently: on an object
+        # store each is a round trip, and the device waits for this commit.
+        files = [(int(bucket), self.layout.keys(shard["name"], int(bucket))) for bucket in np.unique(b)]
+        parallel(lambda f: write_parquet(keys.filter(pa.array(b == f[0])), f[1]), files)
+        written = {loc.path.rsplit("/", 1)[-1] for _, loc in files}
         # An attempt over other content (a since-fixed input file) may have left keys for other buckets: they
         # go, after the new ones are in place (an attempt still running elsewhere writes the same files).
         keys_dir = self.layout.keys_dir(shard["name"])

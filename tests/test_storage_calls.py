@@ -90,3 +90,48 @@ def test_committed_shards_stats_and_keys_each_take_one_listing(tmp_path, slow):
     assert handler.calls.get("list") == 1 and handler.calls.get("info", 0) <= 2
     assert handler.calls["open"] == FILES + 1  # each stats file read once, then the stats table written
     assert handler.max_in_flight > 1, "stats were read one after another"
+
+
+def test_commit_and_ranking_on_a_slow_store_write_concurrently_and_lose_nothing(tiny_model, tmp_path, monkeypatch):
+    """Phase 1 (the worker, here without Ray) and the ranking pass through the latency filesystem: a shard's
+    key files (one per bucket) are written concurrently, a bucket's key files read and its positions files
+    written concurrently, and every input row comes out once with its position."""
+    import pyarrow.parquet as pq
+
+    from jobs import finalize, read_ahead, worker
+    from jobs.rerank import job_spec, parse_args
+    from jobs.worker import ShardWorker
+    from tests.conftest import job_args
+
+    inp = write_shortlists(tmp_path / "in", files=1, n_queries=12, per_query=10, row_group_size=40)
+    out = tmp_path / "out"
+    fs, handler = use_latency_fs(monkeypatch)
+    for module in (worker, finalize, read_ahead):
+        monkeypatch.setattr(module, "locate", storage.locate)
+    plan = make_plan([str(inp)], ColumnMap(), 40)  # 3 shards of 40 rows
+    buckets = 6
+    spec = {**job_spec(parse_args(job_args(inp, out, tiny_model, "--device", "cpu"))), "buckets": buckets}
+    w = ShardWorker(spec)
+    handler.reset()
+    for shard in plan.shards:
+        assert w.process(shard.to_dict())["rows_scored"] == 40
+    assert handler.max_in_flight > 1, "a shard's key files were written one after another"
+
+    layout = w.layout
+    key_files = layout.key_files()
+    assert set(key_files) == {s.name for s in plan.shards}
+    names = {s.seq: s.name for s in plan.shards}
+    handler.reset()
+    for b in range(buckets):
+        files = [loc.uri for shard in key_files.values() for loc in shard if loc.path.endswith(f"b{b:05d}.parquet")]
+        finalize.rank_bucket(str(out), b, files, names, None)
+    assert handler.max_in_flight > 1, "a bucket's files were read or written one after another"
+    for s in plan.shards:
+        finalize.finish_shard(str(out), s.name)
+
+    scores = pa.concat_tables([pq.read_table(p) for p in sorted((out / "scores").glob("*.parquet"))])
+    assert scores.num_rows == 120
+    by_query: dict = {}
+    for q, pos in zip(scores["query_id"].to_pylist(), scores["rerank_position"].to_pylist()):
+        by_query.setdefault(q, []).append(pos)
+    assert len(by_query) == 12 and all(sorted(p) == list(range(1, 11)) for p in by_query.values())
