@@ -61,7 +61,8 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
         try:
             failed = pool.run(pending, on_done)
             infos = pool.actor_info()
-            engine_info = {**(infos[0] if infos else {}), "actors": n, "actor_resources": resources}
+            engine_info = {**(infos[0] if infos else {}), "actors": n, "actor_resources": resources,
+                           "commits": "apart" if pool.commit_apart else "in the actor"}
             replaced, recovered = pool.replaced, pool.recovered
             first_ready = pool.first_ready
         finally:
@@ -81,14 +82,14 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
     totals.update(wall_s=time.perf_counter() - t0, ray_start_s=ray_start_s, score_s=score_s,
                   actor_start_s=actor_start_s, score_after_ready_s=score_s - actor_start_s,
                   finalize_s=finalize_s, actors_replaced=replaced,
-                  shards_recovered_after_actor_death=recovered, docs_collapsed=collapsed,
+                  shards_recovered_after_crash=recovered, docs_collapsed=collapsed,
                   ranking_buckets=plan.buckets, ranking_ran_in=ranked_in)
     _summary(totals, per_actor, args.quiet)
     return {"failed": failed, "totals": totals, "provenance": provenance, "engine": engine_info}
 
 
 def _committed_stats(layout: OutputLayout, shard: dict) -> dict | None:
-    """A shard whose actor died after its commit (the reply lost with the process) is done: its stats are on
+    """A shard whose commit process died after the commit (the reply lost with the process) is done: its stats are on
     storage, written just before the scored file (so a scored file implies them)."""
     return read_json(layout.shard_stats(shard["name"])) if exists(layout.scored(shard["name"])) else None
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from jobs.layout import OutputLayout
 from jobs.storage import exists, list_dir, locate, parallel, read_parquet, write_json, write_parquet
-from jobs.worker import DOC_HASH, ROW, SEQ
+from jobs.commit import DOC_HASH, ROW, SEQ
 from schemas.contract import (
     DOC_ID, DUPLICATE_DOC_IDS, DUPLICATE_OF, FIRST_STAGE_RANK, FIRST_STAGE_SCORE, QUERY_ID, RERANK_POSITION,
     RESCORED, SCORE,

@@ -1,14 +1,22 @@
 """The actor pool: one model per GPU, shards fed to whichever actor is free, failures retried elsewhere.
 
-The driver only schedules: actors read their shards and write their outputs; what comes back is a
-stats dict per shard. Each actor runs one call at a time and the driver reserves it one more shard, which
-the actor reads ahead while it scores (so storage reads stay off the device's critical path) and which an
-idle actor may take over at the end of the job. With one call per actor, a death is charged to exactly the
-shard that was running: its attempt count rises and it goes to a live actor (unless its commit landed
-before the actor died: then its stats are read back and nothing reruns); the reserved shard goes back as
-it was. A shard that fails `max_retries + 1` times is reported failed, never retried forever. An actor that
-dies while loading its model is replaced too (a bounded number of times); one whose model fails to load
-stops the job with the loader's error. Driver memory stays flat: two shard descriptions per actor.
+The driver only schedules: actors read and score their shards and their outputs get written without it;
+what comes back to the driver is a stats dict per shard. Each actor runs one call at a time, and the driver
+reserves it one more shard, which the actor reads ahead while it scores (so storage reads stay off the
+device's critical path) and which an idle actor may take over at the end of the job.
+
+GPU actors hand each scored shard to a commit task on their node through the object store (the driver
+passes the reference along, never the rows) and score their next shard while the last one is compressed
+and uploaded; MAX_COMMITS_PER_ACTOR bounds the commits behind an actor (a slow store holds the actor back,
+not the node's memory). A CPU actor commits its shards itself: its cores are its device.
+
+One process scores or commits one shard at a time, so a death is charged to exactly one shard: the one the
+actor was running, or the one whose commit task died; unless that shard's commit had landed, when its stats
+are read back and nothing reruns. The charged shard's attempt count rises and it goes to a live actor; a
+reserved shard goes back as it was, and commits in flight go on. A shard that fails `max_retries + 1` times
+is reported failed, never retried forever. An actor that dies while loading its model is replaced too (a
+bounded number of times); one whose model fails to load stops the job with the loader's error. Driver
+memory stays flat: a few shard descriptions per actor.
 """
 from __future__ import annotations
 
@@ -19,8 +27,14 @@ from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from jobs.commit import commit_shard
 from jobs.worker import ShardWorker
+
+# Commits an actor may have in flight before it gets no new shard: one overlapping its next shard's scoring,
+# one more to absorb a slow upload; more would only pile scored shards up in the node's object store.
+MAX_COMMITS_PER_ACTOR = 2
 
 
 @dataclass
@@ -30,8 +44,9 @@ class _Slot:
     created: float
     ready: bool = False
     info: dict = field(default_factory=dict)
-    running: tuple | None = None  # (ref, shard, attempt): the one call this actor is executing
+    running: tuple | None = None  # (stats ref, output ref, shard, attempt): the one call this actor is executing
     reserved: tuple | None = None  # (shard, attempt): its next shard, which it is reading ahead
+    commits: int = 0  # its scored shards whose commit tasks are still running
 
 
 def actor_resources(num_actors: int | None) -> tuple[int, dict]:
@@ -51,7 +66,8 @@ def actor_resources(num_actors: int | None) -> tuple[int, dict]:
 class ActorPool:
     def __init__(self, spec: dict, num_actors: int, resources: dict, *, max_retries: int,
                  start_timeout_s: float = 900.0, recover=None):
-        """`recover(shard) -> stats | None`: a shard's committed stats, asked when its actor died mid-call."""
+        """`recover(shard) -> stats | None`: a shard's committed stats, asked when the process that was
+        committing it died (its reply lost with it)."""
         self.spec = spec
         self.target = num_actors
         self.resources = resources
@@ -59,6 +75,12 @@ class ActorPool:
         self.start_timeout_s = start_timeout_s
         self.recover = recover or (lambda shard: None)
         self.remote_cls = ray.remote(ShardWorker)
+        # Commits apart only where the actor scores on a GPU: a CPU actor's cores are its device, and a commit
+        # beside it only competes for them (measured on 2 cores: job/engine 0.71x apart, 0.89x in the actor).
+        self.commit_apart = resources.get("num_gpus", 0) > 0
+        # No CPU reserved: a commit is I/O and compression on the cores the GPU actors leave, and
+        # MAX_COMMITS_PER_ACTOR bounds how many run. Retries are the pool's.
+        self.commit_fn = ray.remote(num_cpus=0, max_retries=0)(commit_shard)
         self.slots: list[_Slot] = []
         self.replaced = 0
         self.start_failures = 0
@@ -92,42 +114,81 @@ class ActorPool:
             else:
                 failed.append(_failed(shard, attempt, reason))
 
+        commits: dict = {}  # commit task ref -> (shard, attempt, slot)
         while True:
             self._assign(queue)
             calls = {s.running[0]: s for s in self.slots if s.running}
-            if not calls and not queue and not any(s.reserved for s in self.slots):
+            if not calls and not commits and not queue and not any(s.reserved for s in self.slots):
                 break  # all done (an actor still starting as a replacement is not waited for)
             pending_ready = {s.ready_ref: s for s in self.slots if not s.ready}
-            if not calls and not pending_ready:  # every actor is gone and none can start: report what is left
+            if not calls and not commits and not pending_ready:  # every actor is gone and none can start
                 left = list(queue) + [s.reserved for s in self.slots if s.reserved]
                 failed += [_failed(s, a, "no actor could be started to run this shard") for s, a in left]
                 break
-            done, _ = ray.wait(list(calls) + list(pending_ready), num_returns=1, timeout=1.0)
+            done, _ = ray.wait(list(calls) + list(commits) + list(pending_ready), num_returns=1, timeout=1.0)
             for slot in list(self.slots):
                 if not slot.ready and time.monotonic() - slot.created > self.start_timeout_s:
                     self._drop(slot, replace=False)  # e.g. the cluster lost the GPU it would need
             for ref in done:
                 if ref in pending_ready:
                     self._started(pending_ready[ref])
-                    continue
-                slot = calls[ref]
-                _, shard, attempt = slot.running
-                slot.running = None
-                try:
-                    on_done(ray.get(ref))
-                except RayActorError as e:
-                    self._settle_dead_actor(slot, shard, attempt, e, on_done, queue, retry_or_fail)
-                except RayTaskError as e:
-                    retry_or_fail(shard, attempt, _short(e))
-                except RayError as e:  # e.g. the task's worker was killed by Ray's memory monitor
-                    retry_or_fail(shard, attempt, f"{type(e).__name__}: {_first_line(e)}")
+                elif ref in commits:
+                    shard, attempt, slot = commits.pop(ref)
+                    slot.commits -= 1
+                    self._settle_commit(ref, shard, attempt, on_done, retry_or_fail)
+                else:
+                    slot = calls[ref]
+                    _, output_ref, shard, attempt = slot.running
+                    slot.running = None
+                    try:
+                        stats = ray.get(ref)
+                    except RayActorError as e:
+                        self._settle_dead_actor(slot, shard, attempt, e, on_done, queue, retry_or_fail)
+                        continue
+                    except RayTaskError as e:
+                        retry_or_fail(shard, attempt, _short(e))
+                        continue
+                    except RayError as e:  # e.g. the actor's worker was killed by Ray's memory monitor
+                        retry_or_fail(shard, attempt, f"{type(e).__name__}: {_first_line(e)}")
+                        continue
+                    if output_ref is None:  # scored and committed by the actor itself
+                        on_done(stats)
+                        continue
+                    commits[self._commit(slot, shard, attempt, stats, output_ref)] = (shard, attempt, slot)
+                    slot.commits += 1
         return failed
+
+    def _commit(self, slot: _Slot, shard: dict, attempt: int, stats: dict, output_ref):
+        """Start the shard's commit task on the actor's node (its output is in that node's object store)."""
+        options = {}
+        if slot.info.get("node_id"):
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(slot.info["node_id"], soft=True)
+        return self.commit_fn.options(**options).remote(self.spec, shard, attempt, stats, output_ref)
+
+    def _settle_commit(self, ref, shard: dict, attempt: int, on_done, retry_or_fail) -> None:
+        """A commit task ended: done; or it failed (the shard is charged and scored again); or its process
+        died, which costs the shard an attempt unless the commit had landed first."""
+        try:
+            on_done(ray.get(ref))
+        except RayTaskError as e:
+            retry_or_fail(shard, attempt, f"commit failed: {_short(e)}")
+        except RayError as e:
+            self._recover_or_retry(shard, attempt, f"commit process died: {type(e).__name__}: {_first_line(e)}",
+                                   on_done, retry_or_fail)
+
+    def _recover_or_retry(self, shard: dict, attempt: int, reason: str, on_done, retry_or_fail) -> None:
+        stats = self.recover(shard)
+        if stats is not None:
+            self.recovered += 1
+            on_done(stats)
+        else:
+            retry_or_fail(shard, attempt, reason)
 
     def _assign(self, queue: deque) -> None:
         """Every idle ready actor starts its reserved shard (else the next queued one, else one reserved by a
         busy actor), and reserves the next queued shard to read ahead."""
         for slot in self.slots:
-            if not slot.ready or slot.running:
+            if not slot.ready or slot.running or slot.commits >= MAX_COMMITS_PER_ACTOR:
                 continue
             job, slot.reserved = slot.reserved, None
             if job is None and queue:
@@ -138,8 +199,11 @@ class ActorPool:
                 continue
             slot.reserved = queue.popleft() if queue else None
             ahead = slot.reserved[0] if slot.reserved else None
-            ref = slot.handle.process.remote(job[0], job[1], ahead)
-            slot.running = (ref, *job)
+            if self.commit_apart:
+                stats_ref, output_ref = slot.handle.score_shard.options(num_returns=2).remote(job[0], job[1], ahead)
+            else:
+                stats_ref, output_ref = slot.handle.process.remote(job[0], job[1], ahead), None
+            slot.running = (stats_ref, output_ref, *job)
 
     def _steal(self) -> tuple | None:
         """A shard reserved by a busy actor, so no actor idles while another has work waiting behind it."""
@@ -169,19 +233,16 @@ class ActorPool:
     def _settle_dead_actor(self, slot: _Slot, shard: dict, attempt: int, error: RayActorError, on_done,
                            queue: deque, retry_or_fail) -> None:
         """An actor died running `shard`: replace it; the shard is charged an attempt (a shard that kills its
-        actor every time ends up reported, not retried forever) unless it had committed before the death.
-        The shard reserved to the actor never started: it goes back to the queue as it was."""
+        actor every time ends up reported, not retried forever) unless, committing in the actor, it had
+        committed before the death. The shard reserved to the actor never started: it goes back to the queue
+        as it was. Its commits in flight (GPU actors) are tasks of their own: they go on."""
         if slot.reserved:
             queue.appendleft(slot.reserved)
             slot.reserved = None
         if slot in self.slots:
             self._drop(slot, replace=True)
-        stats = self.recover(shard)
-        if stats is not None:
-            self.recovered += 1
-            on_done(stats)
-        else:
-            retry_or_fail(shard, attempt, f"actor died: {type(error).__name__}: {_first_line(error)}")
+        self._recover_or_retry(shard, attempt, f"actor died: {type(error).__name__}: {_first_line(error)}",
+                               on_done, retry_or_fail)
 
     def actor_info(self) -> list[dict]:
         return [s.info for s in self.slots if s.ready]

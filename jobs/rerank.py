@@ -75,6 +75,9 @@ def job_spec(args: argparse.Namespace) -> dict:
                  "attempts": int(os.environ.get("CROSSRANK_FAULT_ATTEMPTS", "1"))}
     if os.environ.get("CROSSRANK_FAULT_SLEEP_S"):  # tests slow shards down to act on them mid-flight
         fault.update(sleep_s=float(os.environ["CROSSRANK_FAULT_SLEEP_S"]), shard=os.environ.get("CROSSRANK_FAULT_SHARD", ""))
+    if os.environ.get("CROSSRANK_FAULT_COMMIT_SLEEP_S"):  # a slow upload
+        fault.update(commit_sleep_s=float(os.environ["CROSSRANK_FAULT_COMMIT_SLEEP_S"]),
+                     shard=os.environ.get("CROSSRANK_FAULT_SHARD", ""))
     engine = {"device": args.device, "dtype": args.dtype, "engine": args.engine, "max_length": args.max_length,
               "max_batch_tokens": args.max_batch_tokens, "activation": args.activation,
               "compile": False if args.no_compile else None}

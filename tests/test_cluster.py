@@ -31,7 +31,7 @@ def _shard_workers_running(pid: int) -> list[int]:
     out = []
     for p in psutil.Process(pid).children(recursive=True):
         try:
-            if " ".join(p.cmdline()).startswith("ray::ShardWorker.process"):
+            if " ".join(p.cmdline()).startswith("ray::ShardWorker.score_shard"):
                 out.append(p.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass

@@ -98,7 +98,7 @@ def test_commit_and_ranking_on_a_slow_store_write_concurrently_and_lose_nothing(
     written concurrently, and every input row comes out once with its position."""
     import pyarrow.parquet as pq
 
-    from jobs import finalize, read_ahead, worker
+    from jobs import commit, finalize, read_ahead
     from jobs.rerank import job_spec, parse_args
     from jobs.worker import ShardWorker
     from tests.conftest import job_args
@@ -106,7 +106,7 @@ def test_commit_and_ranking_on_a_slow_store_write_concurrently_and_lose_nothing(
     inp = write_shortlists(tmp_path / "in", files=1, n_queries=12, per_query=10, row_group_size=40)
     out = tmp_path / "out"
     fs, handler = use_latency_fs(monkeypatch)
-    for module in (worker, finalize, read_ahead):
+    for module in (commit, finalize, read_ahead):
         monkeypatch.setattr(module, "locate", storage.locate)
     plan = make_plan([str(inp)], ColumnMap(), 40)  # 3 shards of 40 rows
     buckets = 6
@@ -117,7 +117,7 @@ def test_commit_and_ranking_on_a_slow_store_write_concurrently_and_lose_nothing(
         assert w.process(shard.to_dict())["rows_scored"] == 40
     assert handler.max_in_flight > 1, "a shard's key files were written one after another"
 
-    layout = w.layout
+    layout = OutputLayout(storage.locate(str(out)))
     key_files = layout.key_files()
     assert set(key_files) == {s.name for s in plan.shards}
     names = {s.seq: s.name for s in plan.shards}
