@@ -98,7 +98,10 @@ def _withdraw_rejects(layout: OutputLayout, failed: list[dict]) -> None:
     """A shard writes its rejects before it commits, so one that failed may have left them: remove them, so
     that OUT/rejects/ holds only rows of committed shards and no row of a failed shard is half accounted for.
     Safe only once the pool is shut down (no actor can still be writing); a rerun rewrites them."""
+    committed = layout.committed_shards() if failed else set()
     for shard in failed:
+        if shard["shard"] in committed:  # its commit landed though its call failed: its rejects are its rows
+            continue
         if delete_file(layout.rejects(shard["shard"])):
             print(f"removed the rejects of failed shard {shard['shard']} (a rerun rewrites them)", file=sys.stderr)
 

@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from jobs.commit import commit_shard
@@ -146,7 +146,9 @@ class ActorPool:
                         self._settle_dead_actor(slot, shard, attempt, e, on_done, queue, retry_or_fail)
                         continue
                     except RayTaskError as e:
-                        retry_or_fail(shard, attempt, _short(e))
+                        # A CPU actor commits itself: an error after its commit landed (an object store's
+                        # rename is a copy then a delete) must not leave the shard reported failed.
+                        self._recover_or_retry(shard, attempt, _short(e), on_done, retry_or_fail)
                         continue
                     except RayError as e:  # e.g. the actor's worker was killed by Ray's memory monitor
                         retry_or_fail(shard, attempt, f"{type(e).__name__}: {_first_line(e)}")
@@ -166,12 +168,15 @@ class ActorPool:
         return self.commit_fn.options(**options).remote(self.spec, shard, attempt, stats, output_ref)
 
     def _settle_commit(self, ref, shard: dict, attempt: int, on_done, retry_or_fail) -> None:
-        """A commit task ended: done; or it failed (the shard is charged and scored again); or its process
-        died, which costs the shard an attempt unless the commit had landed first."""
+        """A commit task ended: done; or it failed or its process died, which costs the shard an attempt (it is
+        scored again) unless the commit had landed first. A commit whose input was lost with its node is
+        charged too, and says so: a node's loss charges each shard it was scoring or committing."""
         try:
             on_done(ray.get(ref))
         except RayTaskError as e:
-            retry_or_fail(shard, attempt, f"commit failed: {_short(e)}")
+            lost = isinstance(e, ObjectLostError) or isinstance(getattr(e, "cause", None), ObjectLostError)
+            reason = "commit lost its input (its node's object store is gone)" if lost else f"commit failed: {_short(e)}"
+            self._recover_or_retry(shard, attempt, reason, on_done, retry_or_fail)
         except RayError as e:
             self._recover_or_retry(shard, attempt, f"commit process died: {type(e).__name__}: {_first_line(e)}",
                                    on_done, retry_or_fail)
@@ -206,9 +211,10 @@ class ActorPool:
             slot.running = (stats_ref, output_ref, *job)
 
     def _steal(self) -> tuple | None:
-        """A shard reserved by a busy actor, so no actor idles while another has work waiting behind it."""
+        """A shard reserved by a busy actor (scoring, or held back by its commits in flight), so no actor idles
+        while another has work waiting behind it."""
         for other in self.slots:
-            if other.running and other.reserved:
+            if other.reserved and (other.running or other.commits >= MAX_COMMITS_PER_ACTOR):
                 job, other.reserved = other.reserved, None
                 return job
         return None

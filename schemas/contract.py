@@ -45,7 +45,7 @@ STATS_SCHEMA = pa.schema([
     ("batches", pa.int64()), ("oom_splits", pa.int64()),
     ("read_s", pa.float64()), ("tokenize_s", pa.float64()), ("model_s", pa.float64()), ("write_s", pa.float64()),
     ("wall_s", pa.float64()), ("pairs_per_s", pa.float64()), ("tokens_per_s", pa.float64()),
-    ("scored_at", pa.float64()), ("committed_at", pa.float64()),  # unix seconds: the commit overlaps later shards
+    ("scored_at", pa.float64()), ("committed_at", pa.float64()),  # unix s; committed_at: stats written, scored file next
     ("actor", pa.string()), ("node", pa.string()), ("device_name", pa.string()), ("dtype", pa.string()),
     ("engine", pa.string()), ("attention", pa.string()), ("compiled", pa.bool_()),
 ])
