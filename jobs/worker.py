@@ -21,17 +21,18 @@ from schemas.contract import DOC, FIRST_STAGE_RANK, QUERY, RESCORED, SCORE, Colu
 
 
 class ShardWorker:
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, engine=None):
+        """Loads spec["model"] with spec["engine"] settings, or takes a ready `engine` (benchmarks)."""
         from kernels.config import EngineConfig
         from kernels.engine import Engine
 
         self.spec = spec
         t0 = time.perf_counter()
-        self.engine = Engine.from_pretrained(spec["model"], EngineConfig(**spec["engine"]),
-                                             revision=spec.get("revision"),
-                                             trust_remote_code=spec.get("trust_remote_code", False))
+        self.engine = engine or Engine.from_pretrained(spec["model"], EngineConfig(**spec["engine"]),
+                                                       revision=spec.get("revision"),
+                                                       trust_remote_code=spec.get("trust_remote_code", False))
         self.load_s = time.perf_counter() - t0
-        self.warmup_s = self.engine.warmup() if self.engine.compiled else 0.0
+        self.warmup_s = self.engine.warmup() if self.engine.compiled and engine is None else 0.0
         self.cols = ColumnMap(**spec["columns"])
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.reader = ShardReader()

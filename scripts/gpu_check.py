@@ -20,6 +20,9 @@ kill at any point leaves everything measured so far.
      packed did not compile on MiniLM); then MiniLM padded compiled.
   6. MiniLM extras: token budgets 8k / 32k, bf16 (anchor and engines), length bucketing off, compiled budgets.
   7. XLM-R extras: bf16 anchor and best config in bf16, budget 32k.
+  8. The shard pipeline around the engine, without Ray (scripts/bench_shard_pipeline.py): MiniLM-L6, packed,
+     eager, 200k NQ pairs in 4 Parquet shards; the engine alone vs read + score + commit per shard, with the
+     commit inline (a CPU actor) or in a background thread (a GPU actor's commit task): shard_pipeline.txt.
 
 Output under --out ($OUT, else bench_out/): runs.json / runs.jsonl / runs.parquet (every row, all fields;
 see jobs/bench_report.py), env.json, summary.txt (the final tables), PNG plots.
@@ -64,6 +67,7 @@ class Settings:
             self.budget, self.sweep = 4096, (2048, 8192)
             self.small_pairs, self.large_pairs, self.prec_pairs, self.tok_pairs = 64, 128, 64, 2000
             self.candidates, self.repeats, self.large_repeats = 16, 1, 1
+            self.pipeline_pairs, self.pipeline_rounds = 2000, 1
         else:
             self.small, self.large = "minilm-l6", "xlmr-large"
             self.main_dtype, self.alt_dtype = "float16", "bfloat16"
@@ -71,6 +75,7 @@ class Settings:
             self.budget, self.sweep = 16384, (8192, 32768)
             self.small_pairs, self.large_pairs, self.prec_pairs, self.tok_pairs = 20000, 4000, 2000, 20000
             self.candidates, self.repeats, self.large_repeats = 50, 3, 2
+            self.pipeline_pairs, self.pipeline_rounds = 200_000, 2
         if args.small_pairs:
             self.small_pairs = args.small_pairs
         if args.large_pairs:
@@ -86,10 +91,12 @@ class Estimates:
 
     GUESS = {("small", "anchor"): 20, ("small", "eager"): 15, ("small", "compiled"): 70,
              ("large", "anchor"): 35, ("large", "eager"): 30, ("large", "compiled"): 120,
-             ("small", "precision"): 30, ("large", "precision"): 60, ("any", "tokenize"): 15}
+             ("small", "precision"): 30, ("large", "precision"): 60, ("any", "tokenize"): 15,
+             ("small", "pipeline"): 60}
     CAP = {("small", "anchor"): 90, ("small", "eager"): 60, ("small", "compiled"): 150,
            ("large", "anchor"): 120, ("large", "eager"): 90, ("large", "compiled"): 200,
-           ("small", "precision"): 120, ("large", "precision"): 180, ("any", "tokenize"): 60}
+           ("small", "precision"): 120, ("large", "precision"): 180, ("any", "tokenize"): 60,
+           ("small", "pipeline"): 150}
 
     def __init__(self):
         self.seen: dict = {}
@@ -263,7 +270,41 @@ def run_check(args, state: dict) -> int:
             anchor("large", large, lp, S.alt_dtype, repeats=S.large_repeats)
             engine("large", large, lp, eng, S.alt_dtype, comp, repeats=S.large_repeats)
         engine("large", large, lp, eng, S.main_dtype, comp, budget=max(S.sweep), repeats=S.large_repeats)
+
+    # 8. the shard pipeline around the engine
+    if small is not None and not bench._skip_reason(est.est(("small", "pipeline"))):
+        timed(("small", "pipeline"), lambda: _pipeline(B, bm, bench, small, S, out, est.cap(("small", "pipeline"))))
     return 0
+
+
+def _pipeline(B, bm, bench, bundle, S, out: Path, cap_s: float) -> dict:
+    """Step 8; its table goes to shard_pipeline.txt (appended to the summary), a failure to an error row."""
+    import tempfile
+
+    from kernels.config import EngineConfig
+    from kernels.engine import Engine
+    from scripts.bench_shard_pipeline import measure, table
+
+    try:
+        with B.deadline(bench._cap(cap_s)):
+            pairs = bench.pairs("nq", S.pipeline_pairs, S.candidates)
+            eng = Engine.from_model(bm.copy_model(bundle.model), bundle.tokenizer,
+                                    EngineConfig(device=str(bench.device), dtype=S.main_dtype, engine="packed",
+                                                 compile=False))
+            eng.warmup()
+            with tempfile.TemporaryDirectory(prefix="crossrank-pipeline-") as work:
+                rows = measure(eng, pairs.queries, pairs.docs, pairs.query_ids, -(-len(pairs) // 4), Path(work),
+                               rounds=S.pipeline_rounds)
+        d = eng.describe()
+        text = f"shard pipeline, {bundle.name} ({d['engine']} {d['dtype']} eager, {d['device_name']}), nq:\n" + table(rows)
+        (out / "shard_pipeline.txt").write_text(text + "\n")
+        (out / "shard_pipeline.json").write_text(json.dumps(rows, indent=1))
+        bench.log(text)
+        return {"status": "ok"}
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001
+        return bench.record_failure("pipeline", "shard pipeline", bundle.name, e)
 
 
 def summary(rows: list[dict]) -> str:
@@ -320,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or os.environ.get("OUT") or "bench_out")
     args.out = str(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("runs.json", "runs.jsonl", "runs.parquet", "summary.txt", "env.json"):
+    for stale in ("runs.json", "runs.jsonl", "runs.parquet", "summary.txt", "env.json", "shard_pipeline.txt",
+                  "shard_pipeline.json"):
         (out / stale).unlink(missing_ok=True)  # a reused folder must not pass off an older run's rows
     for png in out.glob("throughput_vs_budget_*.png"):
         png.unlink(missing_ok=True)
@@ -354,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             text = br.table(bench_rows) + "\n\n" + summary(bench_rows)
         except Exception as e:  # noqa: BLE001 - the rows are on disk whatever happens here
             text = f"(summary failed: {type(e).__name__}: {e}; the rows are in {out}/runs.json)"
+        if (out / "shard_pipeline.txt").exists():
+            text += "\n\n" + (out / "shard_pipeline.txt").read_text().strip()
         text += f"\n\ntotal {time.monotonic() - T_START:.0f}s; rows, plots and this summary in {out}/"
         print("\n" + "=" * 100 + "\n" + text, flush=True)
         try:

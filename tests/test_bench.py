@@ -244,6 +244,24 @@ def test_gpu_check_imports_neither_ray_nor_polars():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
+def test_shard_pipeline_bench_runs_every_runner_and_commits_every_row(tmp_path):
+    """The pipeline bench (gpu_check step 8) times the three runners on one engine, and every pass's committed
+    shards hold every pair (it raises otherwise); its modules import no Ray and no polars."""
+    from kernels.config import EngineConfig
+    from kernels.engine import Engine
+    from scripts.bench_shard_pipeline import measure, table
+
+    tok = bd.build_tokenizer("wordpiece")
+    eng = Engine.from_model(bm.build_model("tiny", tok), tok, EngineConfig(device="cpu"))
+    pairs = bd.make_pairs(240, mix="msmarco")
+    rows = measure(eng, pairs.queries, pairs.docs, pairs.query_ids, 60, tmp_path, rounds=2)
+    assert [r["runner"] for r in rows] == ["engine", "commit inline", "commit apart"]
+    assert all(r["pairs_per_s"] > 0 and len(r["rounds"]) == 2 and r["shards"] == 4 for r in rows)
+    assert rows[0]["x_engine"] == 1.0 and "commit apart" in table(rows)
+    code = _NO_RAY.format(imp="import scripts.bench_shard_pipeline")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
 def test_gpu_check_summary_survives_every_status(smoke):
     rows, _ = smoke
     sys.path.insert(0, str(ROOT / "scripts"))
