@@ -53,9 +53,10 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
         bar = _progress(sum(s["row_end"] - s["row_start"] for s in pending), args.quiet)
 
         def on_done(stats: dict) -> None:
-            per_actor.setdefault(stats["actor"], [0, 0.0])
-            per_actor[stats["actor"]][0] += stats["rows_scored"]
-            per_actor[stats["actor"]][1] += stats["wall_s"]
+            mine = per_actor.setdefault(stats["actor"], [0, 0.0, 0.0])
+            mine[0] += stats["rows_scored"]
+            mine[1] += stats["wall_s"]
+            mine[2] += stats.get("model_s") or 0.0
             bar.update(stats["rows_in"])
 
         try:
@@ -83,7 +84,10 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
                   actor_start_s=actor_start_s, score_after_ready_s=score_s - actor_start_s,
                   finalize_s=finalize_s, actors_replaced=replaced,
                   shards_recovered_after_crash=recovered, docs_collapsed=collapsed,
-                  ranking_buckets=plan.buckets, ranking_ran_in=ranked_in)
+                  ranking_buckets=plan.buckets, ranking_ran_in=ranked_in,
+                  # Of the actors' time on shards, the share spent driving the model (the rest: reading,
+                  # splitting, de-duplicating, handing over or committing): how well the device is fed.
+                  model_share=_share(sum(a[2] for a in per_actor.values()), sum(a[1] for a in per_actor.values())))
     _summary(totals, per_actor, args.quiet)
     return {"failed": failed, "totals": totals, "provenance": provenance, "engine": engine_info}
 
@@ -128,6 +132,10 @@ def _finalize(spec: dict, plan, layout: OutputLayout, top_k: int | None) -> tupl
         ray.get([finish.remote(spec["output"], s.name) for s in plan.shards])
         where = "ray tasks"
     return sum(r.get("docs_collapsed", 0) for r in ranked), where
+
+
+def _share(part: float, whole: float) -> float | None:
+    return part / whole if whole else None
 
 
 def _check_totals(plan, stats, failed) -> dict:
@@ -190,6 +198,7 @@ def _summary(totals: dict, per_actor: dict, quiet: bool) -> None:
         f"ranking {totals['finalize_s']:.1f} s)",
         f"  pairs/s overall   {scored / wall if wall else 0:>12,.0f}",
     ]
-    for actor, (n, secs) in sorted(per_actor.items()):
-        lines.append(f"  pairs/s {actor:<24} {n / secs if secs else 0:>10,.0f}  ({n:,} pairs)")
+    for actor, (n, secs, model_s) in sorted(per_actor.items()):
+        lines.append(f"  pairs/s {actor:<24} {n / secs if secs else 0:>10,.0f}  ({n:,} pairs, in the model "
+                     f"{_share(model_s, secs) or 0:.0%} of its time on shards)")
     print("\n".join(lines), file=sys.stderr)

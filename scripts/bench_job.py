@@ -94,6 +94,8 @@ def _bench(args, work: Path) -> None:
          "the actors alone, ranking pass left out"),
         ("actor busy in scoring phase", f"{med([t['actor_busy'] for t in runs]):.1%}",
          "time inside shards / scoring time (the rest: gaps between shards)"),
+        ("actors' time in the model", f"{med([t['model_share'] or 0 for t in runs]):.1%}",
+         "manifest totals.model_share: the rest of their time on shards is reading, splitting, handing over"),
         ("job start-up (apart)", f"{med([t['ray_start_s'] + t['actor_start_s'] for t in runs]):.1f} s",
          f"Ray {med([t['ray_start_s'] for t in runs]):.1f} s + actor start and model load "
          f"{med([t['actor_start_s'] for t in runs]):.1f} s"),

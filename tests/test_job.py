@@ -114,7 +114,8 @@ def test_job_end_to_end(ray_local, tiny_bert, shortlist_dir, tmp_path, capsys, m
     assert manifest["totals"]["ranking_ran_in"] == ranking
     assert (manifest["totals"]["ranking_buckets"] > 3) == (ranking == "ray tasks") == (plan["buckets"] > 3)
     assert len(manifest["inputs"]) == 3 and all(f["bytes"] > 0 for f in manifest["inputs"])
-    assert "pairs/s overall" in err
+    assert "pairs/s overall" in err and "% of its time on shards" in err
+    assert 0 < manifest["totals"]["model_share"] <= 1
 
 
 def test_resume_skips_committed_shards(ray_local, tiny_bert, shortlist_dir, tmp_path, capsys):
