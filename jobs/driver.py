@@ -117,8 +117,8 @@ def _finalize(spec: dict, plan, layout: OutputLayout, top_k: int | None) -> tupl
     by_bucket: dict[int, list[str]] = {}
     key_files = layout.key_files()
     for s in plan.shards:
-        for loc in key_files.get(s.name, []):
-            by_bucket.setdefault(int(loc.path.rsplit("/", 1)[1][1:6]), []).append(loc.uri)
+        for bucket, loc in key_files.get(s.name, {}).items():
+            by_bucket.setdefault(bucket, []).append(loc.uri)
     if plan.total_rows <= LOCAL_RANK_ROWS:
         ranked = [rank_bucket(spec["output"], b, by_bucket.get(b, []), names, top_k) for b in range(plan.buckets)]
         for s in plan.shards:

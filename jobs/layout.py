@@ -26,10 +26,15 @@ class OutputLayout:
         """Shards whose phase-1 output exists (committed), from one listing rather than a call per shard."""
         return {n.removesuffix(".parquet") for n in list_dir(self.root.child(WORK, "scored"))}
 
-    def key_files(self) -> dict[str, list[Location]]:
-        """Each shard's key files (one per bucket it has rows in), from one recursive listing."""
+    def shards_with_stats(self) -> set[str]:
+        """Shards whose stats file exists, from one listing."""
+        return {n.removesuffix(".json") for n in list_dir(self.shard_stats_dir)}
+
+    def key_files(self) -> dict[str, dict[int, Location]]:
+        """Each shard's key files by query bucket (those it has rows in), from one recursive listing."""
         keys = self.root.child(WORK, "keys")
-        return {shard: [keys.child(shard, n) for n in names] for shard, names in list_files(keys).items() if shard}
+        return {shard: {int(n[1:6]): keys.child(shard, n) for n in names}  # names are b{bucket:05d}.parquet
+                for shard, names in list_files(keys).items() if shard}
 
     def keys_dir(self, shard: str) -> Location:
         return self.root.child(WORK, "keys", shard)

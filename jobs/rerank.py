@@ -19,7 +19,7 @@ from jobs import manifest as mf
 from jobs.layout import REJECTS, SCORES, SHORTLISTS, WORK, OutputLayout
 from jobs.plan import make_plan
 from jobs.storage import (
-    delete_dir, exists, list_dir, locate, parallel, read_json, remove_temporaries, write_json, write_parquet,
+    delete_dir, exists, locate, parallel, read_json, remove_temporaries, write_json, write_parquet,
 )
 from kernels.loading import model_provenance
 from schemas.contract import STATS_SCHEMA, ColumnMap, InputSchemaError
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_stats(layout: OutputLayout, shard_names: list[str], failed: list[dict]) -> pa.Table:
-    written = set(list_dir(layout.shard_stats_dir))
-    rows = parallel(read_json, [layout.shard_stats(s) for s in shard_names if f"{s}.json" in written])
+    written = layout.shards_with_stats()
+    rows = parallel(read_json, [layout.shard_stats(s) for s in shard_names if s in written])
     failed_names = {f["shard"] for f in failed}
     rows = [r for r in rows if r["shard"] not in failed_names] + failed
     table = pa.Table.from_pylist([{k: r.get(k) for k in STATS_SCHEMA.names} for r in rows], schema=STATS_SCHEMA)
