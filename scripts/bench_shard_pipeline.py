@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.bench import _sync
 from jobs.commit import commit_shard
 from jobs.plan import make_plan
 from jobs.worker import ShardWorker
@@ -62,21 +64,21 @@ def measure(engine, queries: list[str], docs: list[str], query_ids, shard_rows: 
             out = work / f"out-{r}-{name.replace(' ', '-')}"
             spec = {"output": str(out), "columns": {}, "buckets": buckets}  # the default column names
             worker = ShardWorker(spec, engine=engine)
-            _sync(engine)
+            _sync(engine.device)
             t = time.perf_counter()
             if name == "engine":
                 engine.score(queries, docs)
             else:
                 (_inline if name == "commit inline" else _apart)(worker, shards)
-            _sync(engine)
+            _sync(engine.device)
             results[name].append(n / (time.perf_counter() - t))
             if name != "engine":  # a pipeline that lost rows would not be faster, only wrong: check every pass
                 written = sum(pq.read_metadata(p).num_rows for p in (out / "_work" / "scored").glob("*.parquet"))
                 if written != n:
                     raise AssertionError(f"{name}: {written} rows committed, {n} expected")
             shutil.rmtree(out, ignore_errors=True)
-    base = _median(results["engine"])
-    return [{"runner": k, "pairs_per_s": _median(v), "x_engine": _median(v) / base, "rounds": v,
+    base = statistics.median(results["engine"])
+    return [{"runner": k, "pairs_per_s": statistics.median(v), "x_engine": statistics.median(v) / base, "rounds": v,
              "shards": len(shards), "shard_rows": shard_rows, "pairs": n} for k, v in results.items()]
 
 
@@ -87,17 +89,6 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{r['runner']:<15} {r['pairs_per_s']:>10,.0f} {r['x_engine']:>8.2f}x  "
                      + ", ".join(f"{x:,.0f}" for x in r["rounds"]))
     return "\n".join(lines)
-
-
-def _median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
-
-
-def _sync(engine) -> None:
-    if engine.device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize(engine.device)
 
 
 def main() -> None:
