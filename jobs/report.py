@@ -1,8 +1,10 @@
 """Rerank report: what the cross-encoder moved, and (with labels) whether it helped.
 
-    python -m jobs.report OUT [--top-regressions N] [--quiet]
+    python -m jobs.report OUT [--top-regressions N] [--scratch DIR] [--quiet]
 
-Reads OUT/scores/*.parquet (and OUT/manifest.json when present, for the model name) and writes OUT/report/:
+OUT is a local folder or any URI pyarrow.fs resolves (s3://, gs://, hdfs://), like the job's --output.
+Reads OUT/scores/*.parquet once, only the columns the metrics need (jobs/report_source.py), and
+OUT/manifest.json when present (for the model name), and writes OUT/report/:
 
 - metrics.parquet: long format, one row per metric. Columns: section (coverage | movement | quality | depth
   | scores), metric, value (float; for before/after metrics it equals `after`), before, after, delta
@@ -25,50 +27,38 @@ Reads OUT/scores/*.parquet (and OUT/manifest.json when present, for the model na
 - score_histogram.png, position_shifts.png, winner_first_stage_rank.png, quality.png (labelled runs).
 - report.html: one self-contained page, plots embedded as data URIs.
 
-Every file is written to a temporary name in OUT/report/ and moved into place with os.replace.
+Every file is written under a temporary name in OUT/report/ and renamed into place (jobs/storage.py).
 Metric definitions live in jobs/report_metrics.py.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import io
 import sys
-import uuid
+import tempfile
 from pathlib import Path
 
 import polars as pl
 
 from jobs import report_html as rh
 from jobs import report_metrics as rm
+from jobs.report_source import stage
+from jobs.storage import Location, delete_file, locate, parallel, read_json, write_bytes
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a temporary file next to `path`, then os.replace it into place."""
-    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"))
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    def w(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-    _atomic_write(path, w)
-
-
-def read_manifest(out_dir: Path) -> dict:
+def read_manifest(out: Location) -> dict:
     """OUT/manifest.json as a dict; {} when absent or unreadable (the report does not need it)."""
     try:
-        data = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+        data = read_json(out.child("manifest.json"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _parquet_bytes(df: pl.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.write_parquet(buf)
+    return buf.getvalue()
 
 
 def model_identity(manifest: dict) -> tuple[str | None, str | None]:
@@ -104,28 +94,30 @@ def _title(manifest: dict) -> str:
     return f"crossrank rerank report: {model}" + (f" @ {rev}" if rev else "")
 
 
-def compute(out_dir: str | Path, *, max_review: int = 20):
-    """All report tables, without writing anything: (inputs, per_query, metrics, review, shifts, score_hist)."""
-    inp = rm.open_inputs(rm.scan_scores(out_dir))
-    scores = rm.score_range(inp)
+def compute(out: Location, scratch: str | Path, *, max_review: int = 20):
+    """All report tables, without writing anything: (staged, per_query, metrics, review, shifts, score_hist).
+    `scratch` is a local folder for the staged columns (report_source), used until this returns."""
+    staged = stage(out, Path(scratch))
+    scores = rm.score_range(staged.score_moments)
     per_q, shift_parts, bin_parts, review_parts = [], [], [], []
-    for raw in rm.buckets(inp):
+    for b in range(staged.n_buckets):
+        raw = staged.bucket(b)
         if raw.height == 0:
             continue
-        df = rm.prepare(raw, inp.has_label, inp.has_rescored)
-        pq = rm.per_query(df, inp.has_label)
+        df = rm.prepare(raw, staged.has_label, staged.has_rescored)
+        pq = rm.per_query(df, staged.has_label)
         per_q.append(pq)
         shift_parts.append(rm.shift_counts(df))
         bin_parts.append(rm.score_bins(df, scores["min"], scores["max"]))
-        if inp.has_label:
+        if staged.has_label:
             review_parts.append(rm.review_candidates(df, pq, max_review))
         del df, raw
     pq = pl.concat(per_q, how="vertical_relaxed").sort(rm.Q)
     shifts = rm.shift_histogram(shift_parts)
     hist = rm.score_histogram(bin_parts, scores["min"], scores["max"])
-    metrics = rm.summarize(pq, shifts, scores, inp.has_label, inp.n_rows)
-    review = rm.finish_review(review_parts, inp.lf, max_review) if inp.has_label else None
-    return inp, pq, metrics, review, shifts, hist
+    metrics = rm.summarize(pq, shifts, scores, staged.has_label, staged.n_rows)
+    review = rm.finish_review(review_parts, staged, max_review) if staged.has_label else None
+    return staged, pq, metrics, review, shifts, hist
 
 
 def summary_dict(metrics: pl.DataFrame) -> dict:
@@ -140,7 +132,7 @@ def summary_dict(metrics: pl.DataFrame) -> dict:
     return out
 
 
-def _print_summary(title: str, s: dict, report_dir: Path, has_label: bool) -> None:
+def _print_summary(title: str, s: dict, report_dir: str, has_label: bool) -> None:
     def f(v, pct=False):
         if v is None:
             return "n/a"
@@ -161,18 +153,22 @@ def _print_summary(title: str, s: dict, report_dir: Path, has_label: bool) -> No
                      f"{f(s['win_rate_unchanged'], True)}; left out for want of a relevant candidate: "
                      f"{int(s['queries_without_relevant'])} queries")
     lines.append("  scores are ordering signals, not probabilities")
-    lines.append(f"  report: {report_dir / 'report.html'}")
+    lines.append(f"  report: {report_dir}/report.html")
     print("\n".join(lines))
 
 
-def write_report(out_dir: str, *, max_review: int = 20, quiet: bool = False) -> dict:
-    """Compute the report for a finished rerank run in out_dir and write it to out_dir/report/.
+def write_report(out_dir: str | Path | Location, *, max_review: int = 20, quiet: bool = False,
+                 scratch: str | Path | None = None) -> dict:
+    """Compute the report for a finished rerank run in out_dir (a local path, a pyarrow.fs URI or a
+    Location) and write it to out_dir/report/. `scratch`: local folder for the staged columns (default:
+    the system's temporary folder; tens of bytes a row (13 with short ids), removed afterwards).
 
     Returns the summary metrics (summary_dict of metrics.parquet) plus model, model_revision, report_dir.
     Raises report_metrics.ScoresMissingError (a FileNotFoundError) when OUT/scores is missing or empty.
     """
-    out = Path(out_dir)
-    inp, pq, metrics, review, shifts, hist = compute(out, max_review=max_review)
+    out = out_dir if isinstance(out_dir, Location) else locate(str(out_dir))
+    with tempfile.TemporaryDirectory(prefix="crossrank-report-", dir=scratch) as tmp:
+        staged, pq, metrics, review, shifts, hist = compute(out, tmp, max_review=max_review)
     manifest = read_manifest(out)
     title = _title(manifest)
 
@@ -181,32 +177,29 @@ def write_report(out_dir: str, *, max_review: int = 20, quiet: bool = False) -> 
         "position_shifts.png": rh.plot_shifts(shifts),
         "winner_first_stage_rank.png": rh.plot_winner_ranks(pq),
     }
-    if inp.has_label:
+    if staged.has_label:
         images["quality.png"] = rh.plot_quality(metrics)
-    subtitle = f"run directory: {out.resolve()}"
+    subtitle = f"run directory: {out.uri}"
     if manifest.get("status") not in (None, "complete"):
         subtitle += f" (run status: {manifest['status']}: these metrics cover only the shards written so far)"
     page = rh.render(
         title=title, subtitle=subtitle, provenance=_provenance(manifest),
-        metrics=metrics, review=review, images=images, has_label=inp.has_label, deep_rank=rm.DEEP_RANK)
+        metrics=metrics, review=review, images=images, has_label=staged.has_label, deep_rank=rm.DEEP_RANK)
 
-    report_dir = out / "report"
-    report_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(report_dir / "metrics.parquet", metrics.write_parquet)
-    _atomic_write(report_dir / "per_query.parquet", pq.write_parquet)
+    report_dir = out.child("report")
+    files = {"metrics.parquet": _parquet_bytes(metrics), "per_query.parquet": _parquet_bytes(pq),
+             **images, "report.html": page.encode("utf-8")}
     if review is not None:
-        _atomic_write(report_dir / "review.parquet", review.write_parquet)
-    elif (report_dir / "review.parquet").exists():
-        os.unlink(report_dir / "review.parquet")  # stale from an earlier labelled report of this directory
-    for name, png in images.items():
-        _write_bytes(report_dir / name, png)
-    _write_bytes(report_dir / "report.html", page.encode("utf-8"))
+        files["review.parquet"] = _parquet_bytes(review)
+    else:
+        delete_file(report_dir.child("review.parquet"))  # stale from an earlier labelled report of this directory
+    parallel(lambda item: write_bytes(item[1], report_dir.child(item[0])), list(files.items()))
 
     summary = summary_dict(metrics)
     if not quiet:
-        _print_summary(title, summary, report_dir, inp.has_label)
+        _print_summary(title, summary, report_dir.uri, staged.has_label)
     model, rev = model_identity(manifest)
-    summary.update(model=model, model_revision=rev, report_dir=str(report_dir))
+    summary.update(model=model, model_revision=rev, report_dir=report_dir.uri)
     return summary
 
 
@@ -216,12 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="the rerank job's output directory (holds scores/*.parquet)")
     parser.add_argument("--top-regressions", type=int, default=20, metavar="N",
                         help="queries on the review list of relevant passages pushed down (default 20)")
+    parser.add_argument("--scratch", default=None, metavar="DIR",
+                        help="local folder for the staged columns, tens of bytes a row (default: system temp)")
     parser.add_argument("--quiet", action="store_true", help="no summary on stdout")
     args = parser.parse_args(argv)
     if args.top_regressions < 0:
         parser.error("--top-regressions must be >= 0")
     try:
-        write_report(args.out, max_review=args.top_regressions, quiet=args.quiet)
+        write_report(args.out, max_review=args.top_regressions, quiet=args.quiet, scratch=args.scratch)
     except rm.ScoresMissingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,9 +1,9 @@
 """Rerank report metrics, computed with polars from the rerank job's `OUT/scores/*.parquet`.
 
-Memory stays bounded: the shards are scanned lazily, only the small columns the metrics need are read, and
-when the run is large the queries are processed in hash buckets of about ROWS_PER_BUCKET rows (a query's
-rows always land in the same bucket, whichever shard file they are in). What is kept across buckets is one
-row per query plus small histograms. Passage text is read only for the few queries on the review list.
+Memory stays bounded: only the small columns the metrics need are read (once, by jobs/report_source.py),
+and when the run is large the queries are processed in hash buckets of about ROWS_PER_BUCKET rows (a
+query's rows always land in the same bucket, whichever shard file they are in). What is kept across
+buckets is one row per query plus small histograms. Passage text is read only for the rows on the review list.
 
 Definitions (also shown in the report):
 - Positions. first-stage position = `first_stage_rank` renumbered 1..n within the query (ties by doc_id);
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import polars as pl
 
@@ -43,65 +42,6 @@ QUALITY = tuple(f"ndcg@{k}" for k in KS) + (f"mrr@{MRR_K}",) + tuple(f"recall@{k
 
 class ScoresMissingError(FileNotFoundError):
     """OUT/scores is missing, empty or unusable."""
-
-
-def score_files(out_dir: str | Path) -> list[Path]:
-    scores = Path(out_dir) / "scores"
-    if not scores.is_dir():
-        raise ScoresMissingError(
-            f"no scores directory at {scores}: run the rerank job first (it writes OUT/scores/*.parquet)")
-    files = sorted(p for p in scores.glob("*.parquet") if p.is_file() and not p.name.startswith((".", "_")))
-    if not files:
-        raise ScoresMissingError(f"{scores} holds no *.parquet shard files: the rerank job wrote nothing yet")
-    return files
-
-
-def scan_scores(out_dir: str | Path) -> pl.LazyFrame:
-    """Lazy scan over every shard; raises ScoresMissingError when there is nothing to report on."""
-    lf = pl.scan_parquet(score_files(out_dir))
-    schema = lf.collect_schema()
-    missing = [c for c in REQUIRED if c not in schema]
-    if missing:
-        raise ScoresMissingError(f"{Path(out_dir) / 'scores'} shards lack required column(s) {missing}")
-    return lf
-
-
-@dataclass
-class Inputs:
-    lf: pl.LazyFrame
-    has_label: bool
-    has_rescored: bool
-    n_rows: int
-
-    @property
-    def columns(self) -> list[str]:
-        cols = list(REQUIRED)
-        if self.has_rescored:
-            cols.append("rescored")
-        if self.has_label:
-            cols.append("label")
-        return cols
-
-
-def open_inputs(lf: pl.LazyFrame) -> Inputs:
-    """What the shards hold: row count and whether label / rescored are present."""
-    schema = lf.collect_schema()
-    n_rows = lf.select(pl.len()).collect().item()
-    if n_rows == 0:
-        raise ScoresMissingError("the score shards hold no rows")
-    return Inputs(lf=lf, has_label="label" in schema, has_rescored="rescored" in schema, n_rows=n_rows)
-
-
-def buckets(inp: Inputs, rows_per_bucket: int | None = None):
-    """Yield eager frames of the needed columns, each holding whole queries."""
-    per = rows_per_bucket or ROWS_PER_BUCKET
-    n_buckets = max(1, math.ceil(inp.n_rows / per))
-    lf = inp.lf.select(inp.columns)
-    if n_buckets == 1:
-        yield lf.collect(engine="streaming")
-        return
-    for b in range(n_buckets):
-        yield lf.filter(pl.col(Q).hash(seed=17) % n_buckets == b).collect(engine="streaming")
 
 
 def prepare(df: pl.DataFrame, has_label: bool, has_rescored: bool) -> pl.DataFrame:
@@ -266,28 +206,25 @@ def review_candidates(df: pl.DataFrame, pq: pl.DataFrame, limit: int) -> pl.Data
     return worst.sort(by, descending=desc).head(limit)
 
 
-def review_schema(lf: pl.LazyFrame) -> dict:
+def review_schema(schema: pl.Schema) -> dict:
     """Columns and types of review.parquet (query_id and doc_id keep their input types)."""
-    schema = lf.collect_schema()
     side = lambda p: {f"{p}_doc_id": schema[DOC], f"{p}_doc": pl.String, f"{p}_label": pl.Float64,  # noqa: E731
                       f"{p}_first_stage_rank": pl.Int32, f"{p}_rerank_position": pl.Int32, f"{p}_score": pl.Float64}
     return {"rank": pl.Int32, Q: schema[Q], "query": pl.String, "ndcg@10_before": pl.Float64,
             "ndcg@10_after": pl.Float64, "ndcg@10_delta": pl.Float64, **side("demoted"), **side("above")}
 
 
-def finish_review(cands: list[pl.DataFrame | None], lf: pl.LazyFrame, limit: int) -> pl.DataFrame:
-    """Merge the buckets' review candidates, keep the worst `limit`, and fetch their query/passage text.
-    Empty (with the review.parquet schema) when no query has a relevant passage pushed down."""
-    out_schema = review_schema(lf)
+def finish_review(cands: list[pl.DataFrame | None], staged, limit: int) -> pl.DataFrame:
+    """Merge the buckets' review candidates, keep the worst `limit`, and fetch their query/passage text
+    (`staged`: report_source.StagedScores). Empty (with the review.parquet schema) when no query has a
+    relevant passage pushed down."""
+    out_schema = review_schema(staged.schema)
     cands = [c for c in cands if c is not None and c.height]
     if not cands or limit <= 0:
         return pl.DataFrame(schema=out_schema)
     by, desc = REVIEW_ORDER
     top = pl.concat(cands, how="vertical_relaxed").sort(by, descending=desc).head(limit)
-    schema = lf.collect_schema()
-    text = [pl.col(c).cast(pl.String) if c in schema else pl.lit(None, pl.String).alias(c) for c in ("query", "doc")]
-    text = (lf.filter(pl.col(Q).is_in(top[Q].implode())).select([pl.col(Q), pl.col(DOC)] + text)
-            .collect(engine="streaming").unique([Q, DOC], keep="first", maintain_order=True))
+    text = staged.texts(top[Q]).unique([Q, DOC], keep="first", maintain_order=True)
     top = top.join(text.select(Q, "query").unique(Q, keep="first", maintain_order=True), on=Q, how="left")
     docs = text.select(Q, DOC, "doc")
     top = (top.join(docs, on=[Q, DOC], how="left")
@@ -304,18 +241,33 @@ def finish_review(cands: list[pl.DataFrame | None], lf: pl.LazyFrame, limit: int
     return top.cast(out_schema)
 
 
-def score_range(inp: Inputs) -> dict:
-    """Min/max/mean/std/count of the rescored rows' scores, in one streaming pass over the score column."""
-    cols = ["score"] + (["rescored"] if inp.has_rescored else [])
-    lf = inp.lf.select(cols)
+def score_moments(df: pl.DataFrame, has_rescored: bool) -> dict:
+    """n, min, max, mean and m2 (sum of squared deviations) of one frame's rescored, finite scores."""
     keep = pl.col("score").is_not_null()
-    if inp.has_rescored:
+    if has_rescored:
         keep = keep & pl.col("rescored").fill_null(False)
     s = pl.col("score").cast(pl.Float64)
-    row = (lf.filter(keep & s.is_finite())
-           .select(n=pl.len(), min=s.min(), max=s.max(), mean=s.mean(), std=s.std())
-           .collect(engine="streaming").row(0, named=True))
-    return row
+    return (df.lazy().filter(keep & s.is_finite())
+            .select(n=pl.len(), min=s.min(), max=s.max(), mean=s.mean(), m2=((s - s.mean()) ** 2).sum())
+            .collect().row(0, named=True))
+
+
+def score_range(parts: list[dict]) -> dict:
+    """Min/max/mean/std/count of the rescored scores from per-file moments (score_moments), merged in
+    file order (Chan et al.'s pairwise update): the same figures however the rows are later bucketed."""
+    n, mean, m2, lo, hi = 0, 0.0, 0.0, None, None
+    for p in parts:
+        if not p["n"]:
+            continue
+        total = n + p["n"]
+        delta = p["mean"] - mean
+        mean += delta * p["n"] / total
+        m2 += p["m2"] + delta * delta * n * p["n"] / total
+        n = total
+        lo = p["min"] if lo is None else min(lo, p["min"])
+        hi = p["max"] if hi is None else max(hi, p["max"])
+    return {"n": n, "min": lo, "max": hi, "mean": mean if n else None,
+            "std": math.sqrt(m2 / (n - 1)) if n > 1 else None}
 
 
 def score_bins(df: pl.DataFrame, lo: float | None, hi: float | None, n_bins: int = SCORE_BINS) -> pl.DataFrame:

@@ -96,11 +96,11 @@ def makedirs(loc: Location) -> None:
     loc.fs.create_dir(loc.path, recursive=True)
 
 
-def parallel(fn, items: list) -> list:
-    """`[fn(x) for x in items]`, run on IO_THREADS threads, in order; the first exception propagates."""
+def parallel(fn, items: list, threads: int = IO_THREADS) -> list:
+    """`[fn(x) for x in items]`, run on `threads` threads, in order; the first exception propagates."""
     if len(items) < 2:
         return [fn(x) for x in items]
-    with ThreadPoolExecutor(min(IO_THREADS, len(items)), thread_name_prefix="storage") as pool:
+    with ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix="storage") as pool:
         return list(pool.map(fn, items))
 
 
@@ -146,12 +146,16 @@ def write_parquet(table: pa.Table, loc: Location) -> None:
     _atomic(loc, write)
 
 
-def write_json(obj, loc: Location) -> None:
+def write_bytes(data: bytes, loc: Location) -> None:
     def write(tmp: str) -> None:
         with loc.fs.open_output_stream(tmp) as f:
-            f.write(json.dumps(obj, indent=2, default=str).encode())
+            f.write(data)
 
     _atomic(loc, write)
+
+
+def write_json(obj, loc: Location) -> None:
+    write_bytes(json.dumps(obj, indent=2, default=str).encode(), loc)
 
 
 def read_json(loc: Location):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 
@@ -14,6 +15,7 @@ class LatencyHandler(pafs.FileSystemHandler):
         self.local = pafs.LocalFileSystem()
         self.latency_s = latency_s
         self.calls: dict[str, int] = {}
+        self.bytes_read = 0  # through files opened for reading
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -31,7 +33,11 @@ class LatencyHandler(pafs.FileSystemHandler):
 
     def reset(self) -> None:
         with self._lock:
-            self.calls, self.max_in_flight = {}, 0
+            self.calls, self.max_in_flight, self.bytes_read = {}, 0, 0
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.bytes_read += n
 
     # ---- pyarrow.fs.FileSystemHandler ----
     def get_type_name(self) -> str:
@@ -79,7 +85,7 @@ class LatencyHandler(pafs.FileSystemHandler):
 
     def open_input_file(self, path):
         self._wait("open")
-        return self.local.open_input_file(path)
+        return pa.PythonFile(_CountingReader(open(path, "rb"), self._count), mode="r")
 
     def open_output_stream(self, path, metadata):
         self._wait("open")
@@ -87,6 +93,34 @@ class LatencyHandler(pafs.FileSystemHandler):
 
     def open_append_stream(self, path, metadata):
         raise NotImplementedError
+
+
+class _CountingReader:
+    """A local file that reports how many bytes each read returned (an object store bills by them)."""
+
+    def __init__(self, raw, count):
+        self.raw, self.count, self.closed = raw, count, False
+
+    def read(self, n=-1):
+        data = self.raw.read(n)
+        self.count(len(data))
+        return data
+
+    def seek(self, offset, whence=0):
+        return self.raw.seek(offset, whence)
+
+    def tell(self):
+        return self.raw.tell()
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def close(self):
+        self.raw.close()
+        self.closed = True
 
 
 def latency_fs(latency_s: float = 0.03) -> tuple[pafs.PyFileSystem, LatencyHandler]:

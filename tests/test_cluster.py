@@ -14,14 +14,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import polars as pl
 import psutil
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import (
-    PY, ROOT, assert_each_row_once, free_port, job_args, kill_session, subprocess_env, write_shortlists,
+    PY, ROOT, assert_each_row_once, free_port, job_args, kill_session, read_inputs, subprocess_env,
+    write_shortlists,
 )
+from jobs.report import write_report
 
 OBJECT_STORE = 100 * 1024 * 1024
 RAY = str(Path(PY).parent / "ray")  # the CLI of the interpreter running the tests
@@ -188,8 +191,9 @@ def test_ray_job_submit_s3_input_and_output(ray_head, tiny_model, tmp_path):
         local_in = write_shortlists(tmp_path / "in")
         pafs.copy_files(str(local_in), "crossrank-test/shortlists", source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=s3)
-        r = _submit(url, env, job_args("s3://crossrank-test/shortlists", "s3://crossrank-test/out", tiny_model),
-                    runtime_env={"env_vars": aws})
+        args = [a for a in job_args("s3://crossrank-test/shortlists", "s3://crossrank-test/out", tiny_model)
+                if a != "--no-report"]  # the report too reads and writes s3:// here
+        r = _submit(url, env, args, runtime_env={"env_vars": aws})
         assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
         listing = s3.get_file_info(pafs.FileSelector("crossrank-test/out", recursive=True))
         assert not [i.path for i in listing if ".tmp-" in i.path], "half-written files left in the bucket"
@@ -202,3 +206,10 @@ def test_ray_job_submit_s3_input_and_output(ray_head, tiny_model, tmp_path):
     manifest = _manifest(local_out)
     assert manifest["status"] == "complete"
     assert all(f["uri"].startswith("s3://crossrank-test/shortlists/") for f in manifest["inputs"])
+    # The report written to the bucket holds what a report of the downloaded copy computes.
+    from_s3 = pl.read_parquet(local_out / "report" / "metrics.parquet")
+    assert "report failed" not in r.stdout + r.stderr
+    write_report(str(local_out), quiet=True)
+    assert pl.read_parquet(local_out / "report" / "metrics.parquet").equals(from_s3)
+    per_query = pl.read_parquet(local_out / "report" / "per_query.parquet")
+    assert per_query.height == len(set(read_inputs(local_in)["query_id"].to_pylist()))

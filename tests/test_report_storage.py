@@ -1,0 +1,59 @@
+"""The report on an output folder behind an object store: the same report as on a local disk, from one read
+of the small columns plus the review's own row groups, never a download of every passage.
+
+The store is simulated (scripts/latency_fs.py: a local disk that waits before every call and counts the
+bytes it returns); tests/test_cluster.py runs the job and its report against an S3 server on loopback.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs import report_metrics as rm  # noqa: E402
+from jobs.report import write_report  # noqa: E402
+from jobs.storage import Location  # noqa: E402
+from scripts.bench_report import make_scores  # noqa: E402
+from scripts.latency_fs import latency_fs  # noqa: E402
+
+FILES, ROWS, ROW_GROUP = 3, 60_000, 1_000
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path, int]:
+    """The same scores twice: one folder read as a local disk, one through the simulated object store."""
+    root = tmp_path_factory.mktemp("report_storage")
+    size = make_scores(root / "local", ROWS, FILES, row_group_size=ROW_GROUP)
+    shutil.copytree(root / "local", root / "remote")
+    return root / "local", root / "remote", size
+
+
+@pytest.mark.parametrize("rows_per_bucket", [rm.ROWS_PER_BUCKET, 7_000])
+def test_same_report_through_an_object_store(runs, rows_per_bucket: int, monkeypatch) -> None:
+    local, remote, size = runs
+    monkeypatch.setattr(rm, "ROWS_PER_BUCKET", rows_per_bucket)
+    write_report(str(local), quiet=True, max_review=5)
+    fs, handler = latency_fs(0.002)
+    summary = write_report(Location(fs, str(remote), "latency://remote"), quiet=True, max_review=5)
+
+    assert summary["rows"] == ROWS and summary["report_dir"] == "latency://remote/report"
+    for name in ("metrics.parquet", "per_query.parquet", "review.parquet"):
+        assert pl.read_parquet(remote / "report" / name).equals(pl.read_parquet(local / "report" / name)), name
+    review = pl.read_parquet(remote / "report" / "review.parquet")
+    assert review.height == 5 and review["demoted_doc"].is_not_null().all() and review["query"].is_not_null().all()
+    assert (remote / "report" / "report.html").stat().st_size > 10_000
+    # Per shard file: its footer, then its small columns; then the review's files, once each.
+    assert handler.calls["open"] <= 2 * FILES + FILES + 1 + 8  # + manifest.json + the report's own files
+    # The passages are most of the bytes, and only the review's row groups of them are read.
+    assert handler.bytes_read < 0.3 * size, (handler.bytes_read, size)
+
+
+def test_missing_scores_through_an_object_store(tmp_path: Path) -> None:
+    fs, _ = latency_fs(0.0)
+    with pytest.raises(rm.ScoresMissingError, match="no scores directory at latency://x/scores"):
+        write_report(Location(fs, str(tmp_path), "latency://x"), quiet=True)
