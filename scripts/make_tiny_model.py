@@ -6,7 +6,7 @@ them through the same `--model PATH` code path a user's Hugging Face checkpoint 
 
 Random weights give meaningless scores: these models exist to exercise code paths, never to rank.
 
-    python -m scripts.make_tiny_model OUT_DIR [--family bert|xlmr] [--seed 0]
+    python -m scripts.make_tiny_model OUT_DIR [--family bert|xlmr|modernbert] [--seed 0]
 """
 from __future__ import annotations
 
@@ -59,12 +59,36 @@ def _xlmr_tokenizer(seed: int):
     return XLMRobertaTokenizerFast(tokenizer_object=tok, model_max_length=128)
 
 
+def _modernbert_tokenizer(seed: int):
+    """ModernBERT's kind: byte-level BPE, `[CLS] A [SEP] B [SEP]`, no token type ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(2000, seed), trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                                   cls_token="[CLS]", mask_token="[MASK]", model_max_length=128,
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
+FAMILIES = ("bert", "xlmr", "modernbert")
+
+
 def make_tiny_model(out_dir: str | Path, family: str = "bert", seed: int = 0, max_length: int = 128) -> Path:
-    """Write a tiny random cross-encoder of `family` ("bert" or "xlmr") to `out_dir` and return the path."""
+    """Write a tiny random cross-encoder of `family` (one of FAMILIES) to `out_dir` and return the path."""
     import torch
     from transformers import (
         BertConfig,
         BertForSequenceClassification,
+        ModernBertConfig,
+        ModernBertForSequenceClassification,
         XLMRobertaConfig,
         XLMRobertaForSequenceClassification,
     )
@@ -87,8 +111,19 @@ def make_tiny_model(out_dir: str | Path, family: str = "bert", seed: int = 0, ma
                                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, type_vocab_size=1, **shape)
         model = XLMRobertaForSequenceClassification(config)
+    elif family == "modernbert":
+        tokenizer = _modernbert_tokenizer(seed)
+        cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+        # Rotary positions, a global layer then two sliding-window ones; a 16-token window (real: 128) so
+        # the test pairs run past it, and mean pooling, which reads every token (padding must not leak in).
+        config = ModernBertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3,
+                                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=max_length,
+                                  local_attention=16, global_attn_every_n_layers=3, classifier_pooling="mean",
+                                  pad_token_id=tokenizer.pad_token_id, cls_token_id=cls, sep_token_id=sep,
+                                  bos_token_id=cls, eos_token_id=sep, num_labels=1)
+        model = ModernBertForSequenceClassification(config)
     else:
-        raise ValueError(f"unknown family {family!r}: expected 'bert' or 'xlmr'")
+        raise ValueError(f"unknown family {family!r}: expected one of {FAMILIES}")
     tokenizer.model_max_length = max_length
     # Random init leaves LayerNorm at identity and biases at zero; perturb every tensor so parity tests
     # would catch a dropped bias or a swapped norm.
@@ -105,7 +140,7 @@ def make_tiny_model(out_dir: str | Path, family: str = "bert", seed: int = 0, ma
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
-    ap.add_argument("--family", choices=["bert", "xlmr"], default="bert")
+    ap.add_argument("--family", choices=FAMILIES, default="bert")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-length", type=int, default=128)
     args = ap.parse_args()

@@ -54,6 +54,14 @@ def tiny_xlmr(models_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_modernbert(models_dir) -> Path:
+    """Folder of a tiny random ModernBERT cross-encoder (rotary, sliding-window layers, mean pooling)."""
+    from scripts.make_tiny_model import make_tiny_model
+
+    return make_tiny_model(models_dir / "tiny-modernbert", "modernbert")
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_bert) -> Path:
     """The model the job tests run (an alias of tiny_bert)."""
     return tiny_bert

@@ -49,6 +49,23 @@ def test_parity_with_sentence_transformers(family, engine, tiny_bert, tiny_xlmr)
         assert stats.padding_efficiency == 1.0  # eager: token totals are not rounded
 
 
+def test_modernbert_runs_padded_and_matches_the_reference(tiny_modernbert):
+    """ModernBERT (rotary positions, sliding-window layers, mean pooling) has no packed path: auto runs it
+    padded, says so, and scores as sentence-transformers does, pairs past its attention window included."""
+    from kernels.packed import UnsupportedArchitecture
+
+    queries, docs = _pairs(300, seed=2)
+    ref = _reference(str(tiny_modernbert), queries, docs)
+    eng = Engine.from_pretrained(tiny_modernbert, EngineConfig(max_batch_tokens=1024, chunk_pairs=64))
+    scores, stats = eng.score(queries, docs)
+    assert (eng.kind, eng.describe()["model_type"]) == ("padded", "modernbert")
+    np.testing.assert_allclose(scores, ref, atol=1e-4, rtol=0)
+    assert stats.truncated_pairs > 0  # 128-token pairs: far past the 16-token window of the local layers
+    assert stats.batches > 4 and stats.padding_efficiency < 1.0  # padding present, yet not in the scores
+    with pytest.raises(UnsupportedArchitecture, match="does not support 'modernbert'.*--engine padded"):
+        Engine.from_pretrained(tiny_modernbert, EngineConfig(engine="packed"))
+
+
 def test_auto_engine_choice_is_reported(tiny_bert):
     d = Engine.from_pretrained(tiny_bert).describe()
     # auto picks packed where the architecture allows; padded stays available by name.

@@ -118,6 +118,25 @@ def test_job_end_to_end(ray_local, tiny_bert, shortlist_dir, tmp_path, capsys, m
     assert 0 < manifest["totals"]["model_share"] <= 1
 
 
+def test_modernbert_job_runs_padded(ray_local, tiny_modernbert, shortlist_dir, tmp_path, capsys):
+    """A ModernBERT reranker through the whole job: auto picks the padded engine, records that, and every
+    accepted pair gets the in-process engine's score and position."""
+    out = tmp_path / "out"
+    code, err = _run(["--input", str(shortlist_dir), "--output", str(out), "--model", str(tiny_modernbert),
+                      "--no-report", "--quiet"], capsys)
+    assert code == 0, err
+    scores = pl.read_parquet(out / "scores" / "*.parquet")
+    exp = _expected_positions(str(tiny_modernbert), shortlist_dir)
+    got = scores.join(exp.select("doc_id", "expected_score", "expected_position"), on="doc_id")
+    assert got.height == scores.height == exp.height
+    np.testing.assert_allclose(got["score"].to_numpy(), got["expected_score"].to_numpy(), atol=1e-5)
+    assert (got["rerank_position"] == got["expected_position"]).all()
+    assert set(pl.read_parquet(out / "stats.parquet")["engine"].to_list()) == {"padded"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["engine_config"]["engine"] == "auto"
+    assert (manifest["engine"]["engine"], manifest["engine"]["model_type"]) == ("padded", "modernbert")
+
+
 def test_resume_skips_committed_shards(ray_local, tiny_bert, shortlist_dir, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--input", str(shortlist_dir), "--output", str(out), "--model", str(tiny_bert), "--shard-rows", "30",

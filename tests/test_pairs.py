@@ -53,6 +53,15 @@ def test_xlmr_pairs_equal_tokenizer(tiny_xlmr, max_length):
     _check(tok, max_length, *_fuzz_pairs(1000, seed=100 + max_length))
 
 
+@pytest.mark.parametrize("max_length", [16, 64, 128])
+def test_modernbert_pairs_equal_tokenizer(tiny_modernbert, max_length):
+    tok = AutoTokenizer.from_pretrained(tiny_modernbert)  # byte-level BPE: every byte is a token
+    _check(tok, max_length, *_fuzz_pairs(1000, seed=200 + max_length))
+    template = derive_template(tok)
+    assert (len(template.prefix), len(template.middle), len(template.suffix)) == (1, 1, 1)  # [CLS] q [SEP] d [SEP]
+    assert not template.uses_token_types  # ModernBERT takes no token type ids
+
+
 def test_templates(tiny_bert, tiny_xlmr):
     bert = derive_template(AutoTokenizer.from_pretrained(tiny_bert))
     assert (len(bert.prefix), len(bert.middle), len(bert.suffix)) == (1, 1, 1)  # [CLS] q [SEP] d [SEP]
