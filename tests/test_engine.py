@@ -66,6 +66,17 @@ def test_modernbert_runs_padded_and_matches_the_reference(tiny_modernbert):
         Engine.from_pretrained(tiny_modernbert, EngineConfig(engine="packed"))
 
 
+def test_compiled_padded_modernbert_matches_eager(tiny_modernbert):
+    """torch.compile is the default on CUDA; ModernBERT's sliding-window masks must compile (here on CPU),
+    not fall back to eager, and give the eager scores."""
+    queries, docs = _pairs(200, seed=3)
+    eager, _ = Engine.from_pretrained(tiny_modernbert, EngineConfig(engine="padded")).score(queries, docs)
+    eng = Engine.from_pretrained(tiny_modernbert, EngineConfig(engine="padded", compile=True))
+    scores, _ = eng.score(queries, docs)
+    assert eng.compiled and eng.describe()["compiled"]  # a compiler failure would have switched it off
+    np.testing.assert_allclose(scores, eager, atol=1e-5, rtol=0)
+
+
 def test_auto_engine_choice_is_reported(tiny_bert):
     d = Engine.from_pretrained(tiny_bert).describe()
     # auto picks packed where the architecture allows; padded stays available by name.
