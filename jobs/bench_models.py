@@ -25,6 +25,10 @@ FLOPs (`count_flops`), counted from the config, for pairs of real lengths L_i:
     4 L^2 h attention scores Q K^T (2 L^2 h) and the weighted sum A V (2 L^2 h), per layer per sequence.
     P_head  the pooler / classification head (h^2 + h + h * labels + labels), run on one token per sequence.
 
+ModernBERT (`ModernBertFlopModel`): P_enc counts its bias-free fused QKV and output projections and its
+GeGLU FFN (3 h I), and a sliding-window layer's attention term counts only the keys each query sees
+(|i - j| <= local_attention / 2) instead of L^2.
+
 Embedding lookups, softmax, GELU and norms' elementwise work are not counted (conventional; < 1%). Only real
 tokens count: padding is work the device did, not work the model needed, so a padded engine's utilisation falls
 with its padding efficiency. Engine and anchor are credited the same FLOPs for the same pairs.
@@ -124,17 +128,73 @@ class FlopModel:
         h = self.hidden
         return h * h + h + h * self.num_labels + self.num_labels
 
+    def attention_keys(self, L: np.ndarray) -> np.ndarray:
+        """Per layer: sum over one sequence's queries of the keys each attends to, for each length in L."""
+        return np.full(self.layers, 1.0)[:, None] * (L * L)[None, :]
+
     def flops(self, lengths) -> float:
         """Model FLOPs of one forward over pairs of real token `lengths` (see the module docstring)."""
         L = np.asarray(lengths, dtype=np.float64)
-        return float(2.0 * self.encoder_params * L.sum() + self.layers * 4.0 * self.hidden * (L * L).sum()
+        return float(2.0 * self.encoder_params * L.sum() + 4.0 * self.hidden * self.attention_keys(L).sum()
                      + 2.0 * self.head_params * L.size)
+
+
+@dataclass(frozen=True)
+class ModernBertFlopModel(FlopModel):
+    """ModernBERT: fused bias-free QKV and output projections, a GeGLU FFN (its input projection 2x wide),
+    bias-free LayerNorms (the first layer has no attention norm), and attention that is global in the
+    `global_layers` and a sliding window of +-window/2 tokens elsewhere."""
+
+    window: int = 128
+    global_layers: tuple[int, ...] = ()
+    biases: bool = False  # attention_bias / mlp_bias
+    head_bias: bool = True  # classifier_bias (the head's dense layer)
+    norm_bias: bool = False
+
+    @property
+    def layer_params(self) -> int:
+        h, i, n = self.hidden, self.intermediate, 2 if self.norm_bias else 1
+        bias = (3 * h + h + 2 * i + h) if self.biases else 0
+        return 4 * h * h + 3 * h * i + bias + 2 * n * h
+
+    @property
+    def encoder_params(self) -> int:
+        return self.layers * self.layer_params - (2 if self.norm_bias else 1) * self.hidden  # layer 0: no attn norm
+
+    @property
+    def head_params(self) -> int:
+        """Final norm, head dense (+ bias), head norm, classifier."""
+        h, n = self.hidden, 2 if self.norm_bias else 1
+        return n * h + h * h + (h if self.head_bias else 0) + n * h + h * self.num_labels + self.num_labels
+
+    def attention_keys(self, L: np.ndarray) -> np.ndarray:
+        half = self.window // 2
+        rows = []
+        for layer in range(self.layers):
+            if layer in self.global_layers:
+                rows.append(L * L)
+            else:  # query i sees keys max(0, i-half)..min(L-1, i+half): L(2h+1) less what falls off each end
+                edge = np.minimum(L, half)
+                cut = 2 * (edge * half - edge * (edge - 1) / 2)  # keys the first/last `half` queries lose
+                rows.append(np.where(L <= half + 1, L * L, L * (2 * half + 1) - cut))
+        return np.stack(rows)
 
 
 def flop_model(config) -> FlopModel:
     """From a `transformers` config (or a SHAPES entry)."""
     if isinstance(config, dict):
         return FlopModel(config["hidden"], config["layers"], config["intermediate"], config.get("num_labels", 1))
+    if getattr(config, "model_type", None) == "modernbert":
+        types = getattr(config, "layer_types", None)  # transformers 5; 4.x says global_attn_every_n_layers
+        if types:
+            global_layers = tuple(i for i, t in enumerate(types) if t == "full_attention")
+        else:
+            global_layers = tuple(range(0, config.num_hidden_layers, config.global_attn_every_n_layers))
+        return ModernBertFlopModel(
+            config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.num_labels,
+            window=config.local_attention, global_layers=global_layers,
+            biases=bool(config.attention_bias), head_bias=bool(config.classifier_bias),
+            norm_bias=bool(config.norm_bias))
     return FlopModel(config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.num_labels)
 
 
@@ -202,6 +262,6 @@ def copy_model(model: torch.nn.Module) -> torch.nn.Module:
 def param_counts(model: torch.nn.Module) -> dict:
     """Actual parameter counts, split as the FLOP model splits them (for checking it)."""
     emb = sum(p.numel() for n, p in model.named_parameters() if ".embeddings." in f".{n}")
-    enc = sum(p.numel() for n, p in model.named_parameters() if ".encoder." in f".{n}")
+    enc = sum(p.numel() for n, p in model.named_parameters() if ".encoder." in f".{n}" or ".layers." in f".{n}")
     total = sum(p.numel() for p in model.parameters())
     return {"embedding": emb, "encoder": enc, "head": total - emb - enc, "total": total}

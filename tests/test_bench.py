@@ -50,6 +50,24 @@ def test_flop_parameter_split_matches_the_real_model(shape):
     assert counts["head"] == fm.head_params
 
 
+@pytest.mark.parametrize("biases", [False, True])
+def test_modernbert_flop_model_matches_the_real_model(biases):
+    from transformers import AutoModelForSequenceClassification, ModernBertConfig
+
+    cfg = ModernBertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                           intermediate_size=48, max_position_embeddings=256, local_attention=16, num_labels=2,
+                           attention_bias=biases, mlp_bias=biases, norm_bias=biases, classifier_bias=biases,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    counts, fm = bm.param_counts(model), bm.flop_model(cfg)
+    assert isinstance(fm, bm.ModernBertFlopModel)
+    assert (counts["encoder"], counts["head"]) == (fm.encoder_params, fm.head_params)
+    # Keys per query, counted one by one: layers 0 and 3 global, 1 and 2 within +-8 tokens.
+    for n in (1, 8, 9, 10, 30, 200):
+        brute = sum(min(n - 1, i + 8) - max(0, i - 8) + 1 for i in range(n))
+        assert fm.attention_keys(np.array([n], float))[:, 0].tolist() == [n * n, brute, brute, n * n]
+
+
 def test_minilm_shape_numbers():
     fm = bm.flop_model(bm.SHAPES["minilm-l6"])
     assert fm.encoder_params == 6 * (4 * 384 * 384 + 4 * 384 + 2 * 384 * 1536 + 1536 + 384 + 4 * 384)
