@@ -6,7 +6,10 @@ Shapes (num_labels=1, sequence classification, as rerankers are served):
     bert-base   BERT, hidden 768, 12 layers, 12 heads, FFN 3072, vocab 30522
     xlmr-large  XLM-RoBERTa, hidden 1024, 24 layers, 16 heads, FFN 4096, vocab 250002 (BAAI/bge-reranker-v2-m3;
                 its 8194-row position table is capped at 514 = 512 tokens + RoBERTa's offset of 2: same compute)
-    tiny, tiny-xlmr   2 layers, hidden 32: tests and smoke runs
+    modernbert-base  ModernBERT, hidden 768, 22 layers, 12 heads, GeGLU FFN 1152, vocab 50368, a global layer
+                then two with a 128-token sliding window, rotary positions, mean pooling
+                (Alibaba-NLP/gte-reranker-modernbert-base's encoder; its pooling is taken as mean here)
+    tiny, tiny-xlmr, tiny-modernbert   2-3 layers, hidden 32: tests and smoke runs
 
 Weights are random (seeded): `transformers`' own init with a per-shape `initializer_range` (`init_std`), then
 every 1-D tensor (biases, LayerNorm gains and shifts) perturbed, so no LayerNorm is an identity and no bias is
@@ -55,8 +58,12 @@ SHAPES: dict[str, dict] = {
                  init_std=0.2),
     "tiny-xlmr": dict(family="xlmr", hidden=32, layers=2, heads=4, intermediate=64, vocab=250002, positions=514,
                       init_std=0.2),
+    "modernbert-base": dict(family="modernbert", hidden=768, layers=22, heads=12, intermediate=1152, vocab=50368,
+                            positions=8192, init_std=0.04, local_attention=128),
+    "tiny-modernbert": dict(family="modernbert", hidden=32, layers=3, heads=4, intermediate=64, vocab=50368,
+                            positions=8192, init_std=0.2, local_attention=16),
 }
-TOKENIZER_FOR_FAMILY = {"bert": "wordpiece", "xlmr": "unigram"}
+TOKENIZER_FOR_FAMILY = {"bert": "wordpiece", "xlmr": "unigram", "modernbert": "bpe"}
 
 # Dense peak FLOP/s by device-name substring (longest match wins) and dtype. "tf32" applies to float32 runs
 # when torch lets matmuls use TF32 (torch.get_float32_matmul_precision() != "highest").
@@ -228,6 +235,20 @@ def hf_config(shape: str | dict, tokenizer=None):
                        eos_token_id=tokenizer.eos_token_id)
         cfg = XLMRobertaConfig(vocab_size=vocab, type_vocab_size=1, layer_norm_eps=1e-5, **ids, **common)
         cfg.architectures = ["XLMRobertaForSequenceClassification"]
+    elif s["family"] == "modernbert":
+        from transformers import ModernBertConfig
+
+        ids = dict(pad_token_id=0, cls_token_id=2, sep_token_id=3)  # _BERT_SPECIALS order in bench_data
+        if tokenizer is not None:
+            ids = dict(pad_token_id=tokenizer.pad_token_id, cls_token_id=tokenizer.cls_token_id,
+                       sep_token_id=tokenizer.sep_token_id)
+        cfg = ModernBertConfig(
+            vocab_size=vocab, hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+            intermediate_size=s["intermediate"], max_position_embeddings=s["positions"], num_labels=1,
+            local_attention=s["local_attention"], global_attn_every_n_layers=3, classifier_pooling="mean",
+            initializer_range=s.get("init_std", 0.02), bos_token_id=ids["cls_token_id"],
+            eos_token_id=ids["sep_token_id"], **ids)
+        cfg.architectures = ["ModernBertForSequenceClassification"]
     else:
         raise ValueError(f"unknown family {s['family']!r}")
     return cfg

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs import report_metrics as rm
-from jobs.storage import Location, exists, list_dir, parallel
+from jobs.storage import Location, exists, list_files, parallel
 
 FILE, ROW = "_file", "_row"  # where a staged row came from: index into StagedScores.files, row in that file
 TEXT = ("query", "doc")
@@ -70,40 +70,93 @@ class StagedScores:
         if self.text_columns and groups and isinstance(self.files[0].fs, pafs.LocalFileSystem):
             # polars filters on the id column first and decodes text only for matching rows: ~15x faster
             # than decoding whole row groups, which is what the bytes an object store bills would cost.
-            texts = (pl.scan_parquet([self.files[f].path for f, _ in groups])
-                     .filter(pl.col(rm.Q).is_in(queries.implode()))
-                     .select(rm.Q, rm.DOC, *self.text_columns).collect())
+            cols = [rm.Q, rm.DOC, *self.text_columns]  # per file: other columns may differ between files
+            texts = pl.concat([pl.scan_parquet(self.files[f].path).select(cols) for f, _ in groups], how="vertical_relaxed")
+            texts = _widen(texts.filter(pl.col(rm.Q).is_in(queries.implode())).collect())
             where = where.join(texts.unique([rm.Q, rm.DOC], keep="first", maintain_order=True),
                                on=[rm.Q, rm.DOC], how="left", maintain_order="left")
         elif self.text_columns and groups:
-            parts = parallel(lambda g: _read_rows(self.files[g[0]], g[0], g[1], self.text_columns), groups)
+            parts = parallel(lambda g: _read_rows(self.files[g[0]], g[0], g[1], self.text_columns), groups,
+                             threads=STAGE_THREADS)
             where = where.join(pl.concat(parts), on=[FILE, ROW], how="left", maintain_order="left")
         missing = [pl.lit(None, pl.String).alias(c) for c in TEXT if c not in self.text_columns]
         return where.with_columns(missing).select(rm.Q, rm.DOC, *(pl.col(c).cast(pl.String) for c in TEXT))
 
 
 def _read_rows(loc: Location, file: int, rows: list[int], columns: list[str]) -> pl.DataFrame:
-    """Rows `rows` of one Parquet file (FILE, ROW, columns), reading only the row groups that hold them."""
+    """Rows `rows` of one Parquet file (FILE, ROW, columns), reading only the row groups that hold them,
+    one at a time (a text column's row group is tens of MB; only the wanted rows are kept)."""
+    parts = []
     with loc.fs.open_input_file(loc.path) as f:
         meta = pq.ParquetFile(f)
         starts = [0]
         for g in range(meta.metadata.num_row_groups):
             starts.append(starts[-1] + meta.metadata.row_group(g).num_rows)
-        group_of = {r: bisect.bisect_right(starts, r) - 1 for r in rows}
-        groups = sorted(set(group_of.values()))
-        table = meta.read_row_groups(groups, columns=columns)
-    base, at = {}, 0
-    for g in groups:  # where each read group starts in `table`
-        base[g], at = at, at + starts[g + 1] - starts[g]
-    take = pa.array([base[group_of[r]] + r - starts[group_of[r]] for r in rows], pa.int64())
-    picked = pl.from_arrow(table.take(take))
-    return picked.with_columns(pl.lit(file, pl.UInt32).alias(FILE), pl.Series(ROW, rows, pl.UInt32))
+        by_group: dict[int, list[int]] = {}
+        for r in rows:
+            by_group.setdefault(bisect.bisect_right(starts, r) - 1, []).append(r)
+        for g, wanted in sorted(by_group.items()):
+            table = meta.read_row_group(g, columns=columns)
+            picked = pl.from_arrow(table.take(pa.array([r - starts[g] for r in wanted], pa.int64())))
+            parts.append(picked.with_columns(pl.lit(file, pl.UInt32).alias(FILE), pl.Series(ROW, wanted, pl.UInt32)))
+            del table
+    return pl.concat(parts)
 
 
 def _footer(loc: Location) -> tuple[int, pa.Schema]:
-    with loc.fs.open_input_file(loc.path) as f:
-        meta = pq.ParquetFile(f)
-        return meta.metadata.num_rows, meta.schema_arrow
+    try:
+        with loc.fs.open_input_file(loc.path) as f:
+            meta = pq.ParquetFile(f)
+            return meta.metadata.num_rows, meta.schema_arrow
+    except (OSError, pa.ArrowException) as e:
+        raise rm.ScoresMissingError(f"{loc.uri}: not a readable Parquet file: {e}") from e
+
+
+def _kind(t: pa.DataType) -> str:
+    """What a column holds, whatever its width or encoding: staging widens each kind to one polars type."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    for kind, test in (("integer", pa.types.is_integer), ("float", pa.types.is_floating),
+                       ("boolean", pa.types.is_boolean)):
+        if test(t):
+            return kind
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    return str(t)
+
+
+_WIDE = {"integer": pl.Int64, "float": pl.Float64, "string": pl.String}
+
+
+def _widen(df: pl.DataFrame) -> pl.DataFrame:
+    """int32 in one file and int64 in another (both valid job outputs) must stack: every integer column
+    becomes Int64, float Float64, string or categorical String."""
+    casts = []
+    for name, dtype in df.schema.items():
+        kind = ("integer" if dtype.is_integer() else "float" if dtype.is_float()
+                else "string" if dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum) else None)
+        if kind and dtype != _WIDE[kind]:
+            casts.append(pl.col(name).cast(_WIDE[kind]))
+    return df.with_columns(casts) if casts else df
+
+
+def _check_columns(files: list[Location], schemas: list[pa.Schema]) -> None:
+    """Every shard has the required columns, and the optional and text ones all or none, of one type each:
+    the job writes them so; a folder put together otherwise gets an error naming the file, not a quietly
+    weaker report (a `label` missing from one file would drop the quality section)."""
+    first, ref = files[0], schemas[0]
+    for loc, schema in zip(files, schemas):
+        lacking = [c for c in rm.REQUIRED if c not in schema.names]
+        if lacking:
+            raise rm.ScoresMissingError(f"{loc.uri} lacks required column(s) {lacking}")
+        for c in (*rm.REQUIRED, *OPTIONAL, *TEXT):
+            if (c in schema.names) != (c in ref.names):
+                has, lacks = (loc, first) if c in schema.names else (first, loc)
+                raise rm.ScoresMissingError(f"column {c!r} is in {has.uri} but not in {lacks.uri}: "
+                                            "the report needs it in every scores file or in none")
+            if c in schema.names and _kind(schema.field(c).type) != _kind(ref.field(c).type):
+                raise rm.ScoresMissingError(f"{loc.uri}: column {c!r} holds {_kind(schema.field(c).type)} "
+                                            f"values, but {_kind(ref.field(c).type)} in {first.uri}")
 
 
 def score_files(out: Location) -> list[Location]:
@@ -111,7 +164,7 @@ def score_files(out: Location) -> list[Location]:
     if not exists(scores):
         raise rm.ScoresMissingError(
             f"no scores directory at {scores.uri}: run the rerank job first (it writes OUT/scores/*.parquet)")
-    names = [n for n in list_dir(scores) if n.endswith(".parquet") and not n.startswith((".", "_"))]
+    names = [n for n in list_files(scores).get("", []) if n.endswith(".parquet") and not n.startswith((".", "_"))]
     if not names:
         raise rm.ScoresMissingError(f"{scores.uri} holds no *.parquet shard files: the rerank job wrote nothing yet")
     return [scores.child(n) for n in names]
@@ -121,28 +174,25 @@ def stage(out: Location, folder: Path, rows_per_bucket: int | None = None) -> St
     """Read OUT/scores once into local hash buckets of about `rows_per_bucket` rows (rm.ROWS_PER_BUCKET)."""
     files = score_files(out)
     footers = parallel(_footer, files)
-    schemas = [s for _, s in footers]
-    missing = [c for c in rm.REQUIRED if c not in schemas[0].names]
-    if missing:
-        raise rm.ScoresMissingError(f"{out.child('scores').uri} shards lack required column(s) {missing}")
-    for loc, s in zip(files, schemas):
-        lacking = [c for c in rm.REQUIRED if c not in s.names]
-        if lacking:
-            raise rm.ScoresMissingError(f"{loc.uri} lacks required column(s) {lacking}")
-    in_all = lambda c: all(c in s.names for s in schemas)  # noqa: E731
+    _check_columns(files, [s for _, s in footers])
+    first = footers[0][1]
     n_rows = sum(n for n, _ in footers)
     if n_rows == 0:
         raise rm.ScoresMissingError("the score shards hold no rows")
     n_buckets = max(1, math.ceil(n_rows / (rows_per_bucket or rm.ROWS_PER_BUCKET)))
-    staged = StagedScores(files, folder, n_rows, n_buckets, has_label=in_all("label"),
-                          has_rescored=in_all("rescored"), text_columns=[c for c in TEXT if in_all(c)],
+    staged = StagedScores(files, folder, n_rows, n_buckets, has_label="label" in first.names,
+                          has_rescored="rescored" in first.names, text_columns=[c for c in TEXT if c in first.names],
                           schema=pl.Schema(), score_moments=[])
     columns = staged.columns
 
     def stage_file(i: int) -> tuple[pl.Schema, dict]:
-        with files[i].fs.open_input_file(files[i].path) as f:
-            df = pl.from_arrow(pq.read_table(f, columns=columns))
-        df = df.with_columns(pl.lit(i, pl.UInt32).alias(FILE), pl.int_range(pl.len(), dtype=pl.UInt32).alias(ROW))
+        try:
+            with files[i].fs.open_input_file(files[i].path) as f:
+                df = pl.from_arrow(pq.read_table(f, columns=columns))
+        except (OSError, pa.ArrowException) as e:
+            raise rm.ScoresMissingError(f"{files[i].uri}: cannot read columns {columns}: {e}") from e
+        df = _widen(df).with_columns(pl.lit(i, pl.UInt32).alias(FILE),
+                                     pl.int_range(pl.len(), dtype=pl.UInt32).alias(ROW))
         bucket = (pl.col(rm.Q).hash(seed=17) % n_buckets).alias("_bucket")
         for (b,), part in df.with_columns(bucket).partition_by("_bucket", as_dict=True).items():
             target = folder / f"b{b:05d}" / f"f{i:06d}.parquet"

@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="collapse identical passage texts under different ids within a query (best-ranked id kept)")
     rank.add_argument("--top-k", type=int, default=None, help="also write OUT/shortlists/ cut at K per query")
     rank.add_argument("--no-report", action="store_true", help="skip the evaluation report at the end")
+    rank.add_argument("--report-scratch", default=None, metavar="DIR",
+                      help="local folder for the report's staged columns, tens of bytes a row (default: system temp)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
 
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from jobs.report import write_report
 
-            write_report(args.output, quiet=args.quiet)
+            write_report(args.output, quiet=args.quiet, scratch=args.report_scratch)
         except Exception as e:  # the scores are committed; a report problem must not hide that
             print(f"warning: report failed: {type(e).__name__}: {e}", file=sys.stderr)
     return 0

@@ -152,7 +152,7 @@ class Engine:
                     f"--engine packed does not support {self.config.model_type!r} "
                     f"({', '.join(self.config.architectures or [])}); use --engine padded or auto")
             return "padded", None, "sdpa"
-        model = packed.PackedCrossEncoder.from_hf(self.model).to(device=self.device, dtype=self.dtype).eval()
+        model = packed.from_hf(self.model).to(device=self.device, dtype=self.dtype).eval()
         if self.device.type == "cuda":
             for backend in (model.attention_backend, "sdpa_padded"):
                 problem = self._self_check(model.set_attention_backend(backend))
@@ -176,13 +176,18 @@ class Engine:
 
         try:
             lengths = np.array([5, 17, 1, 33, 9, 0], dtype=np.int64)
+            window = getattr(model.config, "window", None)  # ModernBERT: a pair must run well past its window
+            if window and 2 * window + 1 < self.max_length:
+                lengths = np.insert(lengths, 2, min(4 * window + 3, self.max_length))
+            max_seqlen = padded_length(int(lengths.max()))
             real = int((lengths > 0).sum())
             g = torch.Generator().manual_seed(0)
             ids = torch.randint(5, min(100, self.config.vocab_size), (int(lengths.sum()),), generator=g)
             cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
             types = torch.zeros_like(ids) if self.encoder.template.uses_token_types else None
             dev = lambda t: None if t is None else t.to(self.device)  # noqa: E731
-            got = model(dev(ids), dev(types), dev(position_ids_for(lengths, self.config)), dev(cu), 64)[:real].float()
+            got = model(dev(ids), dev(types), dev(position_ids_for(lengths, self.config)), dev(cu),
+                        max_seqlen)[:real].float()
             exact = self.dtype == torch.float32
             reference = self.model if exact else copy.deepcopy(self.model).float()
             want, want_low = [], []

@@ -1,4 +1,5 @@
-"""Padding-free ("packed", varlen) forward for BERT and (XLM-)RoBERTa sequence-classification cross-encoders.
+"""Padding-free ("packed", varlen) forward for BERT and (XLM-)RoBERTa sequence-classification cross-encoders
+(ModernBERT's is `kernels/packed_modernbert.py`; `from_hf` picks the one a model needs).
 
 A batch is every pair's tokens laid end to end, with no batch dimension and no attention mask:
 
@@ -34,7 +35,7 @@ import torch
 import torch.nn as nn
 from transformers.activations import ACT2FN
 
-from kernels.packed_attention import select_attention_backend
+from kernels.packed_attention import FollowsWeights
 
 # model_type -> head family. "bert": pooler (dense + tanh) then `classifier` Linear. "roberta": the
 # RobertaClassificationHead (`classifier.dense` + tanh + `classifier.out_proj`), positions after padding_idx.
@@ -118,14 +119,34 @@ class PackedConfig:
 def supports(config) -> bool:
     """True when `config` (a `transformers` config) can run on the packed engine."""
     try:
-        PackedConfig.from_hf(config)
-    except UnsupportedArchitecture:
+        _as_packed_config(config)
+    except (UnsupportedArchitecture, ValueError):
         return False
     return True
 
 
-def _as_packed_config(config) -> PackedConfig:
-    return config if isinstance(config, PackedConfig) else PackedConfig.from_hf(config)
+def _as_packed_config(config):
+    """PackedConfig, or for ModernBERT its own config (both carry position_offset and the position limit)."""
+    from kernels.packed_modernbert import ModernBertPackedConfig
+
+    if isinstance(config, (PackedConfig, ModernBertPackedConfig)):
+        return config
+    if getattr(config, "model_type", None) == "modernbert":
+        return ModernBertPackedConfig.from_hf(config)
+    return PackedConfig.from_hf(config)
+
+
+def from_hf(hf_model: nn.Module, attention: str = "auto") -> nn.Module:
+    """The packed twin of a loaded `transformers` classifier: PackedCrossEncoder (BERT, RoBERTa, XLM-R) or
+    PackedModernBert; UnsupportedArchitecture for anything else."""
+    if getattr(hf_model.config, "model_type", None) == "modernbert":
+        from kernels.packed_modernbert import PackedModernBert, UnsupportedModernBert
+
+        try:
+            return PackedModernBert.from_hf(hf_model, attention)
+        except (UnsupportedModernBert, KeyError) as e:
+            raise UnsupportedArchitecture(f"{type(hf_model).__name__}: {e}") from None
+    return PackedCrossEncoder.from_hf(hf_model, attention)
 
 
 def position_ids_for(lengths: np.ndarray | torch.Tensor, config) -> torch.Tensor:
@@ -328,7 +349,7 @@ def hf_to_packed_name(hf_name: str) -> tuple[str | None, int | None]:
     return hf_name, None
 
 
-class PackedCrossEncoder(nn.Module):
+class PackedCrossEncoder(FollowsWeights, nn.Module):
     """BERT / (XLM-)RoBERTa sequence classifier over packed tokens; see the module docstring for inputs.
 
     `attention_backend` names the kernel in use; it is chosen again whenever the model moves
@@ -349,23 +370,8 @@ class PackedCrossEncoder(nn.Module):
         self._attention_choice = attention
         self._select_attention()
 
-    # -- backend ------------------------------------------------------------------------------------
-    def _select_attention(self) -> None:
-        w = self.embeddings.word_embeddings.weight
-        device = torch.device("cpu") if w.device.type == "meta" else w.device
-        self.attn = select_attention_backend(device, w.dtype, self.config.head_dim, self._attention_choice)
-        self.attention_backend: str = self.attn.name
-
-    def set_attention_backend(self, name: str) -> "PackedCrossEncoder":
-        """Pin a backend ("auto", "torch_varlen", "flash_attn", "sdpa_padded"); ValueError if it can't run."""
-        self._attention_choice = name
-        self._select_attention()
-        return self
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self._select_attention()
-        return out
+    def _attention_weight(self) -> torch.Tensor:
+        return self.embeddings.word_embeddings.weight
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(

@@ -10,9 +10,14 @@ per (device, dtype) by `select_attention_backend` when the model is placed, neve
 Each backend has `prepare(cu_seqlens, max_seqlen, num_tokens)`, run once per forward, whose result every
 layer's `attend(qkv, ctx)` reuses: the padded fallback computes its gather/scatter indices there. The last
 layer calls `attend_first(qkv, ctx, first)` instead: only each sequence's first token's output.
+
+`window=w` (ModernBERT's sliding-window layers): token i attends to j only when |i - j| <= w, within its
+sequence. torch_varlen takes it where its torch has `window_size`, flash_attn always, sdpa_padded by a band
+mask; `select_attention_backend(..., windowed=True)` picks only a backend that can.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +27,11 @@ try:  # torch >= 2.10; the GPU box has 2.11, whose keyword arguments differ from
     from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
 except ImportError:  # pragma: no cover - depends on the torch build
     _torch_varlen_attn = None
+# Sliding windows arrived in varlen_attn after its first release (2.13 has them; 2.11 is not known to).
+try:
+    _VARLEN_WINDOW = "window_size" in inspect.signature(_torch_varlen_attn).parameters
+except (TypeError, ValueError):  # None, or a signature Python cannot read
+    _VARLEN_WINDOW = False
 
 BACKENDS = ("auto", "torch_varlen", "flash_attn", "sdpa_padded")
 _HALF = (torch.float16, torch.bfloat16)
@@ -42,8 +52,8 @@ class _AttendFirstByRows:
     those: the proven call, and the saving that matters (output projection and MLP) happens after it anyway.
     """
 
-    def attend_first(self, qkv: torch.Tensor, ctx, first: torch.Tensor) -> torch.Tensor:
-        return self.attend(qkv, ctx).index_select(0, first)  # [B, H, D]
+    def attend_first(self, qkv: torch.Tensor, ctx, first: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        return self.attend(qkv, ctx, window=window).index_select(0, first)  # [B, H, D]
 
 
 class TorchVarlen(_AttendFirstByRows):
@@ -54,11 +64,13 @@ class TorchVarlen(_AttendFirstByRows):
     def prepare(self, cu_seqlens: torch.Tensor, max_seqlen: int, num_tokens: int):
         return cu_seqlens, max_seqlen  # int32 [B+1], python int
 
-    def attend(self, qkv: torch.Tensor, ctx) -> torch.Tensor:
+    def attend(self, qkv: torch.Tensor, ctx, window: int | None = None) -> torch.Tensor:
         cu, max_seqlen = ctx
         q, k, v = qkv.unbind(1)  # 3 x [T, H, D], rows strided by 3*H*D, last dim contiguous
         # Seven positional arguments: the only call that means the same on torch 2.10 through 2.13.
-        return _torch_varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen)  # [T, H, D]
+        if window is None:
+            return _torch_varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen)  # [T, H, D]
+        return _torch_varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, window_size=(window, window))
 
 
 class FlashAttn(_AttendFirstByRows):
@@ -74,9 +86,10 @@ class FlashAttn(_AttendFirstByRows):
     def prepare(self, cu_seqlens: torch.Tensor, max_seqlen: int, num_tokens: int):
         return cu_seqlens, max_seqlen
 
-    def attend(self, qkv: torch.Tensor, ctx) -> torch.Tensor:
+    def attend(self, qkv: torch.Tensor, ctx, window: int | None = None) -> torch.Tensor:
         cu, max_seqlen = ctx
-        return self._fn(qkv, cu, max_seqlen, dropout_p=0.0, causal=False)  # [T, H, D]
+        w = (-1, -1) if window is None else (window, window)
+        return self._fn(qkv, cu, max_seqlen, dropout_p=0.0, causal=False, window_size=w)  # [T, H, D]
 
 
 @dataclass
@@ -119,23 +132,31 @@ class PaddedSDPA:
         scatter = seq * length + torch.arange(num_tokens, device=cu.device) - cu[seq]  # [T]
         return _PaddedIndex(gather, key_mask, scatter, batch, length)
 
-    def attend(self, qkv: torch.Tensor, ctx: _PaddedIndex) -> torch.Tensor:
+    def attend(self, qkv: torch.Tensor, ctx: _PaddedIndex, window: int | None = None) -> torch.Tensor:
         T, _, H, D = qkv.shape
         B, L = ctx.batch, ctx.length
         x = qkv.reshape(T, 3 * H * D).index_select(0, ctx.gather.view(-1))  # [B*L, 3*H*D]
         q, k, v = x.view(B, L, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, L, D]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.key_mask)  # [B, H, L, D]
+        mask = ctx.key_mask
+        if window is not None:
+            slot = torch.arange(L, device=mask.device)
+            mask = mask & ((slot[:, None] - slot[None, :]).abs() <= window)  # [B, 1, L, L]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, L, D]
         out = out.transpose(1, 2).reshape(B * L, H, D)  # [B*L, H, D]
         return out.index_select(0, ctx.scatter)  # [T, H, D]
 
-    def attend_first(self, qkv: torch.Tensor, ctx: _PaddedIndex, first: torch.Tensor) -> torch.Tensor:
-        """One query per sequence (its first token) against all its keys: `[B, H, D]`."""
+    def attend_first(self, qkv: torch.Tensor, ctx: _PaddedIndex, first: torch.Tensor,
+                     window: int | None = None) -> torch.Tensor:
+        """One query per sequence (its first token) against all its keys (or the first window+1): `[B, H, D]`."""
         T, _, H, D = qkv.shape
         B, L = ctx.batch, ctx.length
         q = qkv.index_select(0, first)[:, 0].unsqueeze(2)  # [B, H, 1, D]
         kv = qkv[:, 1:].reshape(T, 2 * H * D).index_select(0, ctx.gather.view(-1))  # [B*L, 2*H*D]
         k, v = kv.view(B, L, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x [B, H, L, D]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.key_mask)  # [B, H, 1, D]
+        mask = ctx.key_mask
+        if window is not None:
+            mask = mask & (torch.arange(L, device=mask.device) <= window)  # [B, 1, 1, L]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, 1, D]
         return out.squeeze(2)  # [B, H, D]
 
 
@@ -144,9 +165,10 @@ def _fast_kernel_ok(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
 
 
 def select_attention_backend(
-    device: torch.device | str, dtype: torch.dtype, head_dim: int, prefer: str = "auto"
+    device: torch.device | str, dtype: torch.dtype, head_dim: int, prefer: str = "auto", *, windowed: bool = False
 ):
-    """The backend for weights on `device` in `dtype`: torch_varlen > flash_attn > sdpa_padded under "auto".
+    """The backend for weights on `device` in `dtype`: torch_varlen > flash_attn > sdpa_padded under "auto";
+    with `windowed` (some layers attend through a sliding window), torch_varlen only if its torch has windows.
 
     A named backend that cannot run there raises ValueError instead of silently falling back.
     """
@@ -154,8 +176,9 @@ def select_attention_backend(
     if prefer not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {prefer!r}")
     fast_ok = _fast_kernel_ok(device, dtype, head_dim)
+    varlen_ok = _torch_varlen_attn is not None and (_VARLEN_WINDOW or not windowed)
     if prefer == "auto":
-        if fast_ok and _torch_varlen_attn is not None:
+        if fast_ok and varlen_ok:
             return TorchVarlen()
         if fast_ok and _flash_attn_varlen_qkvpacked() is not None:
             return FlashAttn()
@@ -168,7 +191,39 @@ def select_attention_backend(
     if prefer == "torch_varlen":
         if _torch_varlen_attn is None:
             raise ValueError(f"torch {torch.__version__} has no nn.attention.varlen.varlen_attn (needs >= 2.10)")
+        if not varlen_ok:
+            raise ValueError(f"torch {torch.__version__}'s varlen_attn has no window_size (sliding-window layers)")
         return TorchVarlen()
     if _flash_attn_varlen_qkvpacked() is None:
         raise ValueError("flash_attn is not installed")
     return FlashAttn()
+
+
+class FollowsWeights:
+    """Mixin of the packed models: `self.attn` is the backend for the device and dtype of their weights,
+    chosen again whenever they move (`.to(device, dtype)`, `.cuda()`, `.half()`). A subclass names the
+    weight to look at (`_attention_weight`) and whether some layers attend through a window."""
+
+    _attention_choice = "auto"
+    windowed = False
+
+    def _attention_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _select_attention(self) -> None:
+        w = self._attention_weight()
+        device = torch.device("cpu") if w.device.type == "meta" else w.device
+        self.attn = select_attention_backend(device, w.dtype, self.config.head_dim, self._attention_choice,
+                                             windowed=self.windowed)
+        self.attention_backend: str = self.attn.name
+
+    def set_attention_backend(self, name: str):
+        """Pin a backend ("auto", "torch_varlen", "flash_attn", "sdpa_padded"); ValueError if it can't run."""
+        self._attention_choice = name
+        self._select_attention()
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._select_attention()
+        return out

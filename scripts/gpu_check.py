@@ -20,9 +20,12 @@ kill at any point leaves everything measured so far.
      packed did not compile on MiniLM); then MiniLM padded compiled.
   6. MiniLM extras: token budgets 8k / 32k, bf16 (anchor and engines), length bucketing off, compiled budgets.
   7. XLM-R extras: bf16 anchor and best config in bf16, budget 32k.
+  4b. precision, ModernBERT-base shape (gte-reranker-modernbert-base: rotary, 128-token sliding windows,
+     mean pooling), as in 2: the packed path's windowed attention on this GPU's kernels.
   8. The shard pipeline around the engine, without Ray (scripts/bench_shard_pipeline.py): MiniLM-L6, packed,
      eager, 200k NQ pairs in 4 Parquet shards; the engine alone vs read + score + commit per shard, with the
      commit inline (a CPU actor) or in a background thread (a GPU actor's commit task): shard_pipeline.txt.
+  9. ModernBERT-base, 4k NQ pairs: anchor fp16, packed eager, padded eager.
 
 Output under --out ($OUT, else bench_out/): runs.json / runs.jsonl / runs.parquet (every row, all fields;
 see jobs/bench_report.py), env.json, summary.txt (the final tables), PNG plots.
@@ -61,7 +64,7 @@ class Settings:
     def __init__(self, smoke: bool, args):
         self.smoke = smoke
         if smoke:
-            self.small, self.large = "minilm-l6", "tiny-xlmr"
+            self.small, self.large, self.modern = "minilm-l6", "tiny-xlmr", "tiny-modernbert"
             self.main_dtype, self.alt_dtype = "float32", None
             self.low_dtypes = ("bfloat16",)  # CPU refuses fp16; bf16 exercises the low-precision path
             self.budget, self.sweep = 4096, (2048, 8192)
@@ -69,7 +72,7 @@ class Settings:
             self.candidates, self.repeats, self.large_repeats = 16, 1, 1
             self.pipeline_pairs, self.pipeline_rounds = 2000, 1
         else:
-            self.small, self.large = "minilm-l6", "xlmr-large"
+            self.small, self.large, self.modern = "minilm-l6", "xlmr-large", "modernbert-base"
             self.main_dtype, self.alt_dtype = "float16", "bfloat16"
             self.low_dtypes = ("float16", "bfloat16")
             self.budget, self.sweep = 16384, (8192, 32768)
@@ -92,11 +95,13 @@ class Estimates:
     GUESS = {("small", "anchor"): 20, ("small", "eager"): 15, ("small", "compiled"): 70,
              ("large", "anchor"): 35, ("large", "eager"): 30, ("large", "compiled"): 120,
              ("small", "precision"): 30, ("large", "precision"): 60, ("any", "tokenize"): 15,
-             ("small", "pipeline"): 60}
+             ("small", "pipeline"): 60, ("modern", "precision"): 40, ("modern", "anchor"): 25,
+             ("modern", "eager"): 20}
     CAP = {("small", "anchor"): 90, ("small", "eager"): 60, ("small", "compiled"): 150,
            ("large", "anchor"): 120, ("large", "eager"): 90, ("large", "compiled"): 200,
            ("small", "precision"): 120, ("large", "precision"): 180, ("any", "tokenize"): 60,
-           ("small", "pipeline"): 150}
+           ("small", "pipeline"): 150, ("modern", "precision"): 120, ("modern", "anchor"): 90,
+           ("modern", "eager"): 90}
 
     def __init__(self):
         self.seen: dict = {}
@@ -231,6 +236,13 @@ def run_check(args, state: dict) -> int:
             results[("large", eng, False)] = engine("large", large, lp, eng, S.main_dtype, False,
                                                     repeats=S.large_repeats)
 
+    # 4b. ModernBERT precision: its packed path (rotary, sliding windows, mean pooling) on this GPU's kernels
+    modern = None
+    if not bench._skip_reason(est.est(("modern", "precision"))):
+        modern = model(S.modern)
+    if modern is not None:
+        precision("modern", modern, bench.pairs("nq", S.large_prec_pairs, S.candidates))
+
     # the compiled engine on XLM-R (packed unless it failed to compile on MiniLM), then MiniLM padded compiled
     best_compiled = "padded" if ("small", "packed", True) in results and not _ok(results[("small", "packed", True)]) \
         else "packed"
@@ -274,6 +286,13 @@ def run_check(args, state: dict) -> int:
     # 8. the shard pipeline around the engine
     if small is not None and not bench._skip_reason(est.est(("small", "pipeline"))):
         timed(("small", "pipeline"), lambda: _pipeline(B, bm, bench, small, S, out, est.cap(("small", "pipeline"))))
+
+    # 9. ModernBERT speed: the anchor, then both engines eager
+    if modern is not None:
+        mp = bench.pairs("nq", S.large_pairs, S.candidates)
+        anchor("modern", modern, mp, S.main_dtype, repeats=S.large_repeats)
+        for eng in ("packed", "padded"):
+            engine("modern", modern, mp, eng, S.main_dtype, False, repeats=S.large_repeats)
     return 0
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # crossrank GPU check, one command, bounded in time (see scripts/gpu_check.py for the steps):
 #   (1) CPU tokenize+assemble throughput, (2) fp16/bf16 score precision vs fp32 for the packed and padded
-#   engines, (3) the bench matrix for the MiniLM-L6 and XLM-R-large shapes against sentence-transformers.
+#   engines, (3) the bench matrix for the MiniLM-L6, XLM-R-large and ModernBERT-base shapes against
+#   sentence-transformers.
 #
 #   bash scripts/gpu_check.sh                  # from the repo root; files under $OUT if set, else bench_out/
 #   bash scripts/gpu_check.sh --budget-s 300   # any scripts/gpu_check.py option passes through

@@ -74,6 +74,11 @@ def test_minilm_shape_numbers():
     cfg = bm.hf_config("xlmr-large")
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size,
             cfg.vocab_size, cfg.max_position_embeddings) == (1024, 24, 16, 4096, 250002, 514)
+    mb = bm.hf_config("modernbert-base")
+    assert (mb.hidden_size, mb.num_hidden_layers, mb.num_attention_heads, mb.intermediate_size, mb.vocab_size,
+            mb.local_attention, mb.classifier_pooling) == (768, 22, 12, 1152, 50368, 128, "mean")
+    assert [i for i, t in enumerate(mb.layer_types) if t == "full_attention"] == list(range(0, 22, 3))
+    assert bm.flop_model(mb).global_layers == tuple(range(0, 22, 3))
 
 
 def test_peak_table_lookup():

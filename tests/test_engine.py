@@ -49,29 +49,30 @@ def test_parity_with_sentence_transformers(family, engine, tiny_bert, tiny_xlmr)
         assert stats.padding_efficiency == 1.0  # eager: token totals are not rounded
 
 
-def test_modernbert_runs_padded_and_matches_the_reference(tiny_modernbert):
-    """ModernBERT (rotary positions, sliding-window layers, mean pooling) has no packed path: auto runs it
-    padded, says so, and scores as sentence-transformers does, pairs past its attention window included."""
-    from kernels.packed import UnsupportedArchitecture
-
+@pytest.mark.parametrize("engine", ["packed", "padded"])
+def test_modernbert_matches_the_reference(engine, tiny_modernbert):
+    """ModernBERT (rotary positions, sliding-window layers, mean pooling) on both engines scores as
+    sentence-transformers does, pairs far past its attention window included; auto picks packed."""
     queries, docs = _pairs(300, seed=2)
     ref = _reference(str(tiny_modernbert), queries, docs)
-    eng = Engine.from_pretrained(tiny_modernbert, EngineConfig(max_batch_tokens=1024, chunk_pairs=64))
+    eng = Engine.from_pretrained(tiny_modernbert, EngineConfig(engine=engine, max_batch_tokens=1024, chunk_pairs=64))
     scores, stats = eng.score(queries, docs)
-    assert (eng.kind, eng.describe()["model_type"]) == ("padded", "modernbert")
+    assert (eng.kind, eng.describe()["model_type"]) == (engine, "modernbert")
     np.testing.assert_allclose(scores, ref, atol=1e-4, rtol=0)
     assert stats.truncated_pairs > 0  # 128-token pairs: far past the 16-token window of the local layers
-    assert stats.batches > 4 and stats.padding_efficiency < 1.0  # padding present, yet not in the scores
-    with pytest.raises(UnsupportedArchitecture, match="does not support 'modernbert'.*--engine padded"):
-        Engine.from_pretrained(tiny_modernbert, EngineConfig(engine="packed"))
+    assert stats.batches > 4 and (stats.padding_efficiency == 1.0) == (engine == "packed")
+    if engine == "packed":
+        assert Engine.from_pretrained(tiny_modernbert).kind == "packed"  # auto
+        assert eng._self_check(eng.packed) is None  # what a GPU actor runs before trusting the kernels
 
 
-def test_compiled_padded_modernbert_matches_eager(tiny_modernbert):
-    """torch.compile is the default on CUDA; ModernBERT's sliding-window masks must compile (here on CPU),
-    not fall back to eager, and give the eager scores."""
+@pytest.mark.parametrize("engine", ["packed", "padded"])
+def test_compiled_modernbert_matches_eager(engine, tiny_modernbert):
+    """torch.compile is the default on CUDA; ModernBERT's rotary and sliding-window attention must compile
+    (here on CPU), not fall back to eager, and give the eager scores."""
     queries, docs = _pairs(200, seed=3)
-    eager, _ = Engine.from_pretrained(tiny_modernbert, EngineConfig(engine="padded")).score(queries, docs)
-    eng = Engine.from_pretrained(tiny_modernbert, EngineConfig(engine="padded", compile=True))
+    eager, _ = Engine.from_pretrained(tiny_modernbert, EngineConfig(engine=engine)).score(queries, docs)
+    eng = Engine.from_pretrained(tiny_modernbert, EngineConfig(engine=engine, compile=True))
     scores, _ = eng.score(queries, docs)
     assert eng.compiled and eng.describe()["compiled"]  # a compiler failure would have switched it off
     np.testing.assert_allclose(scores, eager, atol=1e-5, rtol=0)

@@ -118,8 +118,8 @@ def test_job_end_to_end(ray_local, tiny_bert, shortlist_dir, tmp_path, capsys, m
     assert 0 < manifest["totals"]["model_share"] <= 1
 
 
-def test_modernbert_job_runs_padded(ray_local, tiny_modernbert, shortlist_dir, tmp_path, capsys):
-    """A ModernBERT reranker through the whole job: auto picks the padded engine, records that, and every
+def test_modernbert_job(ray_local, tiny_modernbert, shortlist_dir, tmp_path, capsys):
+    """A ModernBERT reranker through the whole job: auto picks the packed engine, records that, and every
     accepted pair gets the in-process engine's score and position."""
     out = tmp_path / "out"
     code, err = _run(["--input", str(shortlist_dir), "--output", str(out), "--model", str(tiny_modernbert),
@@ -131,10 +131,11 @@ def test_modernbert_job_runs_padded(ray_local, tiny_modernbert, shortlist_dir, t
     assert got.height == scores.height == exp.height
     np.testing.assert_allclose(got["score"].to_numpy(), got["expected_score"].to_numpy(), atol=1e-5)
     assert (got["rerank_position"] == got["expected_position"]).all()
-    assert set(pl.read_parquet(out / "stats.parquet")["engine"].to_list()) == {"padded"}
+    stats = pl.read_parquet(out / "stats.parquet")
+    assert set(stats["engine"].to_list()) == {"packed"} and (stats["padding_efficiency"] == 1.0).all()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["engine_config"]["engine"] == "auto"
-    assert (manifest["engine"]["engine"], manifest["engine"]["model_type"]) == ("padded", "modernbert")
+    assert (manifest["engine"]["engine"], manifest["engine"]["model_type"]) == ("packed", "modernbert")
 
 
 def test_resume_skips_committed_shards(ray_local, tiny_bert, shortlist_dir, tmp_path, capsys):

@@ -57,3 +57,57 @@ def test_missing_scores_through_an_object_store(tmp_path: Path) -> None:
     fs, _ = latency_fs(0.0)
     with pytest.raises(rm.ScoresMissingError, match="no scores directory at latency://x/scores"):
         write_report(Location(fs, str(tmp_path), "latency://x"), quiet=True)
+
+
+# ---- what a scores folder may hold: each case once failed or gave a quietly weaker report ----------------
+
+def _two_files(root: Path, first: pl.DataFrame, second: pl.DataFrame) -> Path:
+    (root / "scores").mkdir(parents=True)
+    first.write_parquet(root / "scores" / "part-0.parquet")
+    second.write_parquet(root / "scores" / "part-1.parquet")
+    return root
+
+
+def _rows(queries: range, labelled: bool = True) -> pl.DataFrame:
+    n = 6
+    q = [f"q{i}" for i in queries for _ in range(n)]
+    df = pl.DataFrame({"query_id": q, "query": [f"question {x}" for x in q],
+                       "doc_id": [f"{x}-d{k}" for x in q[::n] for k in range(n)],
+                       "doc": [f"passage {k}" for _ in queries for k in range(n)],
+                       "score": pl.Series([float((k * 7) % n) for _ in queries for k in range(n)], dtype=pl.Float32),
+                       "first_stage_rank": pl.Series([k + 1 for _ in queries for k in range(n)], dtype=pl.Int32)})
+    df = df.with_columns(pl.col("score").rank("ordinal", descending=True).over("query_id").cast(pl.Int32)
+                         .alias("rerank_position"))
+    # the relevant passage (first-stage rank 2) falls to position 5: every query is on the review list
+    return df.with_columns(label=(pl.col("first_stage_rank") == 2).cast(pl.Int32)) if labelled else df
+
+
+def test_optional_column_in_some_files_only_names_them(tmp_path: Path) -> None:
+    out = _two_files(tmp_path, _rows(range(0, 3)), _rows(range(3, 6), labelled=False))
+    with pytest.raises(rm.ScoresMissingError, match=r"column 'label' is in .*part-0.parquet but not in .*part-1"):
+        write_report(str(out), quiet=True)
+
+
+def test_widths_and_extra_columns_may_differ_between_files(tmp_path: Path) -> None:
+    """int32 ids in one file and int64 in the other, a pass-through column in one file only, a folder named
+    like a shard: the report is the one of the tidy folder."""
+    ints = lambda df: df.with_columns(pl.col("query_id").str.slice(1).cast(pl.Int64))  # noqa: E731
+    a, b = ints(_rows(range(0, 3))), ints(_rows(range(3, 6)))
+    tidy = _two_files(tmp_path / "tidy", a, b)
+    messy = _two_files(tmp_path / "messy", a.with_columns(pl.col("query_id").cast(pl.Int32)),
+                       b.with_columns(tenant=pl.lit("t1")))
+    (messy / "scores" / "stray.parquet").mkdir()
+    want = write_report(str(tidy), quiet=True)
+    got = write_report(str(messy), quiet=True)
+    assert got["rows"] == want["rows"] == 36 and got["ndcg@10_after"] == want["ndcg@10_after"]
+    for name in ("per_query.parquet", "review.parquet"):
+        assert pl.read_parquet(messy / "report" / name).equals(pl.read_parquet(tidy / "report" / name)), name
+    review = pl.read_parquet(messy / "report" / "review.parquet")
+    assert review.height == 6 and review["demoted_doc"].is_not_null().all()
+
+
+def test_unreadable_file_is_named(tmp_path: Path) -> None:
+    out = _two_files(tmp_path, _rows(range(0, 3)), _rows(range(3, 6)))
+    (out / "scores" / "part-1.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(rm.ScoresMissingError, match=r"part-1.parquet: not a readable Parquet file"):
+        write_report(str(out), quiet=True)
