@@ -154,7 +154,10 @@ class Engine:
             return "padded", None, "sdpa"
         model = packed.from_hf(self.model).to(device=self.device, dtype=self.dtype).eval()
         if self.device.type == "cuda":
-            for backend in (model.attention_backend, "sdpa_padded"):
+            from kernels.packed_attention import _flash_attn_varlen_qkvpacked
+
+            fallbacks = ["flash_attn"] if _flash_attn_varlen_qkvpacked() is not None else []
+            for backend in dict.fromkeys([model.attention_backend, *fallbacks, "sdpa_padded"]):
                 problem = self._self_check(model.set_attention_backend(backend))
                 if problem is None:
                     return "packed", model, model.attention_backend
@@ -173,11 +176,17 @@ class Engine:
         catches (offsets, positions, a kernel misread) are off by order 1. So the packed error may be a few
         times the HF model's own low-precision error, with a small floor."""
         from kernels.packed import position_ids_for
+        from kernels.packed_attention import check_window
 
+        window = getattr(model.config, "window", None)  # ModernBERT's sliding-window layers
+        if window:
+            problem = check_window(model.attn, model.config.num_heads, model.config.head_dim, window, self.device,
+                                   self.dtype)
+            if problem is not None:
+                return problem
         try:
             lengths = np.array([5, 17, 1, 33, 9, 0], dtype=np.int64)
-            window = getattr(model.config, "window", None)  # ModernBERT: a pair must run well past its window
-            if window and 2 * window + 1 < self.max_length:
+            if window and 2 * window + 1 < self.max_length:  # a pair well past the window, through the model too
                 lengths = np.insert(lengths, 2, min(4 * window + 3, self.max_length))
             max_seqlen = padded_length(int(lengths.max()))
             real = int((lengths > 0).sum())

@@ -120,8 +120,8 @@ def supports(config) -> bool:
     """True when `config` (a `transformers` config) can run on the packed engine."""
     try:
         _as_packed_config(config)
-    except (UnsupportedArchitecture, ValueError):
-        return False
+    except (UnsupportedArchitecture, ValueError, AttributeError, TypeError, KeyError):
+        return False  # a config this code cannot read runs on the padded path, not into a crash
     return True
 
 

@@ -18,7 +18,8 @@ mask; `select_attention_backend(..., windowed=True)` picks only a backend that c
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -88,8 +89,9 @@ class FlashAttn(_AttendFirstByRows):
 
     def attend(self, qkv: torch.Tensor, ctx, window: int | None = None) -> torch.Tensor:
         cu, max_seqlen = ctx
-        w = (-1, -1) if window is None else (window, window)
-        return self._fn(qkv, cu, max_seqlen, dropout_p=0.0, causal=False, window_size=w)  # [T, H, D]
+        if window is None:  # flash-attn before 2.3 has no window_size: BERT and RoBERTa never pass one
+            return self._fn(qkv, cu, max_seqlen, dropout_p=0.0, causal=False)  # [T, H, D]
+        return self._fn(qkv, cu, max_seqlen, dropout_p=0.0, causal=False, window_size=(window, window))
 
 
 @dataclass
@@ -99,6 +101,7 @@ class _PaddedIndex:
     scatter: torch.Tensor  # [T] int64: slot b*L + l that flat token t came from
     batch: int
     length: int
+    bands: dict = field(default_factory=dict)  # window -> [B, 1, L, L] mask, built by the first layer that needs it
 
 
 class PaddedSDPA:
@@ -139,8 +142,10 @@ class PaddedSDPA:
         q, k, v = x.view(B, L, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, L, D]
         mask = ctx.key_mask
         if window is not None:
-            slot = torch.arange(L, device=mask.device)
-            mask = mask & ((slot[:, None] - slot[None, :]).abs() <= window)  # [B, 1, L, L]
+            if window not in ctx.bands:  # the same for every windowed layer of this forward
+                slot = torch.arange(L, device=mask.device)
+                ctx.bands[window] = mask & ((slot[:, None] - slot[None, :]).abs() <= window)  # [B, 1, L, L]
+            mask = ctx.bands[window]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, L, D]
         out = out.transpose(1, 2).reshape(B * L, H, D)  # [B*L, H, D]
         return out.index_select(0, ctx.scatter)  # [T, H, D]
@@ -197,6 +202,38 @@ def select_attention_backend(
     if _flash_attn_varlen_qkvpacked() is None:
         raise ValueError("flash_attn is not installed")
     return FlashAttn()
+
+
+@torch.inference_mode()
+def check_window(attn, num_heads: int, head_dim: int, window: int, device, dtype) -> str | None:
+    """A backend's sliding windows against the padded fallback's band mask, on sharp random attention.
+
+    The engine's logit self-check cannot see a window bug on random-weight or real checkpoints alike
+    (attention spread over many keys hides which of them were allowed), so windowed models run this
+    too: sequences several windows long, every row compared. None when it agrees, else what went wrong."""
+    try:
+        lengths = [4 * window + 5, 7, 2 * window + 1, 1, 3 * window]
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+        T, longest = int(cu[-1]), max(lengths)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        # Scaled so each query leans on a few keys (which ones were allowed shows), not so sharp that
+        # fp16 rounding of near-tied scores flips them.
+        qkv = (torch.randn(T, 3, num_heads, head_dim, generator=g) * 1.5).to(device=device, dtype=dtype)
+        ref = PaddedSDPA()
+        ctx_ref = ref.prepare(cu, longest, T)
+        ctx = attn.prepare(cu, longest, T)
+        first = cu[:-1].long()
+        for w in sorted({2, window}):
+            want = ref.attend(qkv.float(), ctx_ref, window=w)  # [T, H, D]
+            got = attn.attend(qkv, ctx, window=w).float()
+            got_first = attn.attend_first(qkv, ctx, first, window=w).float()
+            for name, a, b in (("attend", got, want), ("attend_first", got_first, want.index_select(0, first))):
+                err = float((a - b).abs().max() / b.abs().max().clamp(min=1e-6))
+                if not err <= (1e-4 if dtype == torch.float32 else 3e-2):
+                    return f"{attn.name} {name} with window {w}: max error {err:.3g} against the band mask"
+        return None
+    except Exception as e:  # a kernel this torch/GPU cannot run
+        return f"{attn.name} window check: {type(e).__name__}: {e}"
 
 
 class FollowsWeights:

@@ -107,7 +107,8 @@ def _theta(rope: dict, layer_type: str, fallback) -> float:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x [T, H, D] (fp32 math, as HF does), cos/sin [T, 1, D] in fp32."""
+    """Rotary embedding of x [T, H, D] in fp32 math, as HF applies it (HF also rounds cos/sin to the
+    activation dtype first; kept in fp32 here, which is closer to the fp32 model), cos/sin [T, 1, D]."""
     xf = x.float()
     half = xf.shape[-1] // 2
     rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)

@@ -105,3 +105,47 @@ def test_unsupported_modernbert_variants_are_refused_clearly():
     assert not supports(hf.config)
     with pytest.raises(UnsupportedArchitecture, match="rope_type='linear'"):
         from_hf(hf)
+
+
+class _ShiftedWindow:
+    """A backend whose windows are off by `shift` tokens (None: ignored), as a kernel misread would be."""
+
+    def __init__(self, shift):
+        from kernels.packed_attention import PaddedSDPA
+
+        self.inner, self.shift, self.name = PaddedSDPA(), shift, "shifted"
+
+    def _w(self, window):
+        return None if window is None or self.shift is None else window + self.shift
+
+    def prepare(self, *args):
+        return self.inner.prepare(*args)
+
+    def attend(self, qkv, ctx, window=None):
+        return self.inner.attend(qkv, ctx, window=self._w(window))
+
+    def attend_first(self, qkv, ctx, first, window=None):
+        return self.inner.attend_first(qkv, ctx, first, window=self._w(window))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_check_catches_ignored_and_shifted_windows(dtype):
+    """What a GPU actor runs on its kernel before trusting a windowed model: the logits alone cannot show a
+    window bug (attention spread over many keys hides which were allowed)."""
+    from kernels.packed_attention import PaddedSDPA, check_window
+
+    for window in (8, 64):
+        assert check_window(PaddedSDPA(), 4, 16, window, "cpu", dtype) is None
+        for shift in (None, 1, -1):
+            problem = check_window(_ShiftedWindow(shift), 4, 16, window, "cpu", dtype)
+            assert problem is not None and "against the band mask" in problem, (window, shift)
+
+
+def test_engine_self_check_rejects_a_window_bug(tiny_modernbert):
+    from kernels.config import EngineConfig
+    from kernels.engine import Engine
+
+    eng = Engine.from_pretrained(tiny_modernbert, EngineConfig(engine="packed"))
+    assert eng._self_check(eng.packed) is None
+    eng.packed.attn = _ShiftedWindow(None)
+    assert "window" in eng._self_check(eng.packed)
