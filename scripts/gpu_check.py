@@ -133,6 +133,9 @@ def _env(B, device) -> dict:
         env["torch_varlen_attn"] = True
     except Exception:
         env["torch_varlen_attn"] = False
+    from kernels.packed_attention import _VARLEN_WINDOW
+
+    env["torch_varlen_window"] = _VARLEN_WINDOW  # ModernBERT's windowed layers on torch's kernel, else flash-attn
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
