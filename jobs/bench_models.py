@@ -192,14 +192,11 @@ def flop_model(config) -> FlopModel:
     if isinstance(config, dict):
         return FlopModel(config["hidden"], config["layers"], config["intermediate"], config.get("num_labels", 1))
     if getattr(config, "model_type", None) == "modernbert":
-        types = getattr(config, "layer_types", None)  # transformers 5; 4.x says global_attn_every_n_layers
-        if types:
-            global_layers = tuple(i for i, t in enumerate(types) if t == "full_attention")
-        else:
-            global_layers = tuple(range(0, config.num_hidden_layers, config.global_attn_every_n_layers))
+        from kernels.packed_modernbert import global_layers
+
         return ModernBertFlopModel(
             config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.num_labels,
-            window=config.local_attention, global_layers=global_layers,
+            window=config.local_attention, global_layers=global_layers(config),
             biases=bool(config.attention_bias), head_bias=bool(config.classifier_bias),
             norm_bias=bool(config.norm_bias))
     return FlopModel(config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.num_labels)

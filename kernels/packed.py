@@ -140,12 +140,9 @@ def from_hf(hf_model: nn.Module, attention: str = "auto") -> nn.Module:
     """The packed twin of a loaded `transformers` classifier: PackedCrossEncoder (BERT, RoBERTa, XLM-R) or
     PackedModernBert; UnsupportedArchitecture for anything else."""
     if getattr(hf_model.config, "model_type", None) == "modernbert":
-        from kernels.packed_modernbert import PackedModernBert, UnsupportedModernBert
+        from kernels.packed_modernbert import PackedModernBert
 
-        try:
-            return PackedModernBert.from_hf(hf_model, attention)
-        except (UnsupportedModernBert, KeyError) as e:
-            raise UnsupportedArchitecture(f"{type(hf_model).__name__}: {e}") from None
+        return PackedModernBert.from_hf(hf_model, attention)
     return PackedCrossEncoder.from_hf(hf_model, attention)
 
 
@@ -422,38 +419,41 @@ class PackedCrossEncoder(FollowsWeights, nn.Module):
         return model.eval().requires_grad_(False)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load HF-named tensors through `_HF_RENAMES`; return the names of ours that were set.
+        """Load HF-named tensors through `_HF_RENAMES` (see `load_hf_weights`)."""
+        return load_hf_weights(self, weights, hf_to_packed_name)
 
-        KeyError if an HF tensor has no home here (and is not deliberately ignored), on a shape mismatch,
-        or if any parameter of ours is left unset: every parameter is replaced, none keeps its init.
-        """
-        params = dict(self.named_parameters())
-        shards: dict[str, list[torch.Tensor | None]] = {}
-        loaded: set[str] = set()
-        unused: list[str] = []
-        for hf_name, tensor in weights:
-            name, shard = hf_to_packed_name(hf_name)
-            if name is None:
-                continue
-            if name not in params:
-                unused.append(hf_name)
-                continue
-            if shard is not None:
-                shards.setdefault(name, [None] * _QKV_SHARDS)[shard] = tensor.detach()
-                if any(s is None for s in shards[name]):
-                    continue
-                tensor = torch.cat(shards.pop(name), dim=0)  # [3C, C] or [3C]
-            if tuple(tensor.shape) != tuple(params[name].shape):
-                want = tuple(params[name].shape)
-                raise KeyError(f"{hf_name}: shape {tuple(tensor.shape)}, expected {want}")
-            self._set_param(name, tensor.detach())
-            loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if unused or missing:
-            raise KeyError(f"HF weights with no packed home: {unused}; packed weights left unset: {missing}")
-        return loaded
 
-    def _set_param(self, name: str, tensor: torch.Tensor) -> None:
+def load_hf_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], rename) -> set[str]:
+    """Set `module`'s parameters from HF-named tensors; return the names of ours that were set.
+
+    `rename(hf_name) -> (our name | None, QKV shard | None)`: None ignores the tensor on purpose; a shard
+    index collects query/key/value pieces and concatenates them into one fused tensor. KeyError if an HF
+    tensor has no home here, on a shape mismatch, or if any parameter is left unset: every parameter is
+    replaced, none keeps its init. Unfused tensors are shared with the source (no copy).
+    """
+    params = dict(module.named_parameters())
+    shards: dict[str, list[torch.Tensor | None]] = {}
+    loaded: set[str] = set()
+    unused: list[str] = []
+    for hf_name, tensor in weights:
+        name, shard = rename(hf_name)
+        if name is None:
+            continue
+        if name not in params:
+            unused.append(hf_name)
+            continue
+        if shard is not None:
+            shards.setdefault(name, [None] * _QKV_SHARDS)[shard] = tensor.detach()
+            if any(s is None for s in shards[name]):
+                continue
+            tensor = torch.cat(shards.pop(name), dim=0)  # [3C, C] or [3C]
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            want = tuple(params[name].shape)
+            raise KeyError(f"{hf_name}: shape {tuple(tensor.shape)}, expected {want}")
         owner, _, leaf = name.rpartition(".")
-        module = self.get_submodule(owner)
-        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        module.get_submodule(owner)._parameters[leaf] = nn.Parameter(tensor.detach(), requires_grad=False)
+        loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if unused or missing:
+        raise KeyError(f"HF weights with no packed home: {unused}; packed weights left unset: {missing}")
+    return loaded

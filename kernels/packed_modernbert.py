@@ -25,11 +25,16 @@ import torch
 import torch.nn as nn
 from transformers.activations import ACT2FN
 
+from kernels.packed import UnsupportedArchitecture, load_hf_weights
 from kernels.packed_attention import FollowsWeights
 
 
-class UnsupportedModernBert(ValueError):
-    pass
+def global_layers(config) -> tuple[int, ...]:
+    """Indices of a ModernBERT config's global-attention layers (the rest use the sliding window)."""
+    types = getattr(config, "layer_types", None)  # transformers 5; 4.x says global_attn_every_n_layers
+    if types:
+        return tuple(i for i, t in enumerate(types) if t == "full_attention")
+    return tuple(range(0, config.num_hidden_layers, config.global_attn_every_n_layers))
 
 
 @dataclass
@@ -64,25 +69,20 @@ class ModernBertPackedConfig:
 
     @classmethod
     def from_hf(cls, config) -> "ModernBertPackedConfig":
-        """Read a `transformers` ModernBertConfig (4.x or 5.x field names); UnsupportedModernBert otherwise."""
+        """Read a `transformers` ModernBertConfig (4.x or 5.x field names); UnsupportedArchitecture for what
+        this forward would get wrong."""
         n = config.num_hidden_layers
-        types = getattr(config, "layer_types", None)
-        if types:
-            global_layers = tuple(i for i, t in enumerate(types) if t == "full_attention")
-        else:
-            global_layers = tuple(range(0, n, config.global_attn_every_n_layers))
         rope = getattr(config, "rope_parameters", None) or {}
         global_theta = _theta(rope, "full_attention", getattr(config, "global_rope_theta", None))
         local_theta = _theta(rope, "sliding_attention", getattr(config, "local_rope_theta", None) or global_theta)
         pooling = getattr(config, "classifier_pooling", "cls")
         if pooling not in ("cls", "mean"):
-            raise UnsupportedModernBert(f"classifier_pooling={pooling!r} (only 'cls' and 'mean')")
+            raise _refuse(f"classifier_pooling={pooling!r} (only 'cls' and 'mean')")
         for name in ("hidden_activation", "classifier_activation"):
             if getattr(config, name) not in ACT2FN:
-                raise UnsupportedModernBert(f"{name}={getattr(config, name)!r}")
+                raise _refuse(f"{name}={getattr(config, name)!r}")
         if config.hidden_size % config.num_attention_heads:
-            raise UnsupportedModernBert(f"hidden_size {config.hidden_size} not divisible by "
-                                        f"{config.num_attention_heads} heads")
+            raise _refuse(f"hidden_size {config.hidden_size} not divisible by {config.num_attention_heads} heads")
         return cls(
             model_type=config.model_type, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
             num_layers=n, num_heads=config.num_attention_heads, intermediate_size=int(config.intermediate_size),
@@ -90,19 +90,25 @@ class ModernBertPackedConfig:
             norm_eps=config.norm_eps, norm_bias=bool(config.norm_bias), attention_bias=bool(config.attention_bias),
             mlp_bias=bool(config.mlp_bias), classifier_bias=bool(config.classifier_bias),
             hidden_act=config.hidden_activation, classifier_act=config.classifier_activation, pooling=pooling,
-            window=int(config.local_attention) // 2, global_layers=global_layers, global_theta=float(global_theta),
-            local_theta=float(local_theta), pad_token_id=int(config.pad_token_id or 0),
+            window=int(config.local_attention) // 2, global_layers=global_layers(config),
+            global_theta=float(global_theta), local_theta=float(local_theta),
+            pad_token_id=int(config.pad_token_id or 0),
         )
+
+
+def _refuse(why: str) -> UnsupportedArchitecture:
+    return UnsupportedArchitecture(f"ModernBERT (model_type='modernbert') is not supported by the packed engine: "
+                                   f"{why}. Use the padded engine.")
 
 
 def _theta(rope: dict, layer_type: str, fallback) -> float:
     params = rope.get(layer_type) if isinstance(rope, dict) else None
     if params:
         if params.get("rope_type", "default") != "default":
-            raise UnsupportedModernBert(f"rope_type={params['rope_type']!r} for {layer_type} (only 'default')")
+            raise _refuse(f"rope_type={params['rope_type']!r} for {layer_type} (only 'default')")
         return params["rope_theta"]
     if fallback is None:
-        raise UnsupportedModernBert(f"no rotary base for {layer_type}")
+        raise _refuse(f"no rotary base for {layer_type}")
     return fallback
 
 
@@ -245,26 +251,15 @@ class PackedModernBert(FollowsWeights, nn.Module):
         cfg = ModernBertPackedConfig.from_hf(hf_model.config)
         with torch.device("meta"):
             model = cls(cfg, attention="sdpa_padded")
-        model.load_weights(list(hf_model.named_parameters()))
+        try:
+            model.load_weights(list(hf_model.named_parameters()))
+        except KeyError as e:
+            raise UnsupportedArchitecture(f"{type(hf_model).__name__} does not have the module layout of "
+                                          f"ModernBertForSequenceClassification: {e.args[0]}") from None
         model._attention_choice = attention
         model._select_attention()
         return model.eval().requires_grad_(False)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """HF names minus `model.`; KeyError for a tensor with no home, a shape mismatch, or one left unset."""
-        params = dict(self.named_parameters())
-        loaded, unused = set(), []
-        for hf_name, tensor in weights:
-            name = hf_name.removeprefix("model.")
-            if name not in params:
-                unused.append(hf_name)
-                continue
-            if tuple(tensor.shape) != tuple(params[name].shape):
-                raise KeyError(f"{hf_name}: shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}")
-            owner, _, leaf = name.rpartition(".")
-            self.get_submodule(owner)._parameters[leaf] = nn.Parameter(tensor.detach(), requires_grad=False)
-            loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if unused or missing:
-            raise KeyError(f"HF weights with no packed home: {unused}; packed weights left unset: {missing}")
-        return loaded
+        """HF names minus `model.` (see `kernels.packed.load_hf_weights`)."""
+        return load_hf_weights(self, weights, lambda hf_name: (hf_name.removeprefix("model."), None))
