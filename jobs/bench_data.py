@@ -258,7 +258,7 @@ def build_tokenizer(kind: str = "wordpiece", vocab_size: int = 30522, *, corpus_
     if kind == "wordpiece":
         tok = _wrap_bert(_train_wordpiece(vocab_size, corpus_lines))
     elif kind == "bpe":
-        tok = _train_bpe(vocab_size, corpus_lines)
+        tok = train_bpe(corpus(corpus_lines), vocab_size)
     else:  # derived from the (cached) WordPiece of the same size
         wordpiece = build_tokenizer("wordpiece", vocab_size, corpus_lines=corpus_lines, max_length=max_length,
                                     cache=cache).backend_tokenizer
@@ -294,7 +294,9 @@ def _train_wordpiece(vocab_size: int, corpus_lines: int):
     return tok
 
 
-def _train_bpe(vocab_size: int, corpus_lines: int):
+def train_bpe(texts, vocab_size: int):
+    """A ModernBERT-style tokenizer (byte-level BPE, `[CLS] A [SEP] B [SEP]`, no token type ids) trained on
+    `texts`; also what scripts/make_tiny_model.py builds its tiny ModernBERT's tokenizer with."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -303,7 +305,7 @@ def _train_bpe(vocab_size: int, corpus_lines: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_BERT_SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus(corpus_lines), trainer)
+    tok.train_from_iterator(texts, trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])

@@ -28,6 +28,10 @@ OPTIONAL = ("rescored", "label")
 STAGE_THREADS = 8  # files read at once: each holds its small columns in memory (~20 MB per 500k rows)
 
 
+def metric_columns(has_rescored: bool, has_label: bool) -> list[str]:
+    return list(rm.REQUIRED) + [c for c, on in zip(OPTIONAL, (has_rescored, has_label)) if on]
+
+
 @dataclass
 class StagedScores:
     files: list[Location]  # the shard files, sorted by name
@@ -43,7 +47,7 @@ class StagedScores:
     @property
     def columns(self) -> list[str]:
         """The metric columns each bucket frame holds."""
-        return list(rm.REQUIRED) + [c for c, on in zip(OPTIONAL, (self.has_rescored, self.has_label)) if on]
+        return metric_columns(self.has_rescored, self.has_label)
 
     def _staged(self, bucket: int | None = None) -> list[str]:
         folders = [self.folder / f"b{bucket:05d}"] if bucket is not None else sorted(self.folder.glob("b*"))
@@ -71,7 +75,8 @@ class StagedScores:
             # polars filters on the id column first and decodes text only for matching rows: ~15x faster
             # than decoding whole row groups, which is what the bytes an object store bills would cost.
             cols = [rm.Q, rm.DOC, *self.text_columns]  # per file: other columns may differ between files
-            texts = pl.concat([pl.scan_parquet(self.files[f].path).select(cols) for f, _ in groups], how="vertical_relaxed")
+            texts = pl.concat([pl.scan_parquet(self.files[f].path).select(cols) for f, _ in groups],
+                              how="vertical_relaxed")
             texts = _widen(texts.filter(pl.col(rm.Q).is_in(queries.implode())).collect())
             where = where.join(texts.unique([rm.Q, rm.DOC], keep="first", maintain_order=True),
                                on=[rm.Q, rm.DOC], how="left", maintain_order="left")
@@ -180,10 +185,8 @@ def stage(out: Location, folder: Path, rows_per_bucket: int | None = None) -> St
     if n_rows == 0:
         raise rm.ScoresMissingError("the score shards hold no rows")
     n_buckets = max(1, math.ceil(n_rows / (rows_per_bucket or rm.ROWS_PER_BUCKET)))
-    staged = StagedScores(files, folder, n_rows, n_buckets, has_label="label" in first.names,
-                          has_rescored="rescored" in first.names, text_columns=[c for c in TEXT if c in first.names],
-                          schema=pl.Schema(), score_moments=[])
-    columns = staged.columns
+    has_label, has_rescored = "label" in first.names, "rescored" in first.names
+    columns = metric_columns(has_rescored, has_label)
 
     def stage_file(i: int) -> tuple[pl.Schema, dict]:
         try:
@@ -198,10 +201,9 @@ def stage(out: Location, folder: Path, rows_per_bucket: int | None = None) -> St
             target = folder / f"b{b:05d}" / f"f{i:06d}.parquet"
             target.parent.mkdir(parents=True, exist_ok=True)
             part.drop("_bucket").write_parquet(target, compression="lz4")
-        return df.schema, rm.score_moments(df, staged.has_rescored)
+        return df.schema, rm.score_moments(df, has_rescored)
 
     done = parallel(stage_file, list(range(len(files))), threads=STAGE_THREADS)
-    staged.schema = done[0][0]
-    staged.score_moments = [m for _, m in done]
-    return staged
-
+    return StagedScores(files, folder, n_rows, n_buckets, has_label=has_label, has_rescored=has_rescored,
+                        text_columns=[c for c in TEXT if c in first.names], schema=done[0][0],
+                        score_moments=[m for _, m in done])

@@ -61,21 +61,11 @@ def _xlmr_tokenizer(seed: int):
 
 def _modernbert_tokenizer(seed: int):
     """ModernBERT's kind: byte-level BPE, `[CLS] A [SEP] B [SEP]`, no token type ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from jobs.bench_data import train_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_corpus(2000, seed), trainer)
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
-                                   cls_token="[CLS]", mask_token="[MASK]", model_max_length=128,
-                                   model_input_names=["input_ids", "attention_mask"])
+    tok = train_bpe(_corpus(2000, seed), vocab_size=400)
+    tok.model_max_length = 128
+    return tok
 
 
 FAMILIES = ("bert", "xlmr", "modernbert")
