@@ -88,6 +88,9 @@ def deadline(seconds: float | None):
         signal.signal(signal.SIGALRM, old)
 
 
+_MODE_SHORT = {"reduce-overhead": "cudagraphs", "max-autotune-no-cudagraphs": "autotune"}
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """One engine configuration (the EngineConfig knobs a sweep varies)."""
@@ -106,8 +109,8 @@ class EngineSpec:
         dtype = DTYPE_SHORT.get(d.get("dtype") or self.dtype, d.get("dtype") or self.dtype)
         compiled = d.get("compiled", self.compile)
         comp = "auto" if compiled is None else ("compiled" if compiled else "eager")
-        if compiled and self.compile_mode:
-            comp += f"({self.compile_mode})"
+        if compiled and self.compile_mode:  # short, so the table's runner column keeps the budget
+            comp += "+" + _MODE_SHORT.get(self.compile_mode, self.compile_mode)
         budget = d.get("max_batch_tokens") or self.max_batch_tokens
         text = f"{kind} {dtype} {comp} {br._budget(budget) if budget else 'auto'}"
         return text + ("" if self.bucketing else " nobkt")

@@ -100,7 +100,7 @@ def _budget(v) -> str:
 _RUN_COLS = [  # (header, width, getter)
     ("model", 12, lambda r: r["model"]),
     ("mix", 7, lambda r: r["mix"]),
-    ("runner", 27, lambda r: r["label"]),
+    ("runner", 40, lambda r: r["label"]),
     ("pairs/s", 9, lambda r: _num(r["pairs_per_s"])),
     ("tok/s", 11, lambda r: _num(r["tokens_per_s"])),
     ("/core", 8, lambda r: _num(r["pairs_per_s_per_core"])),
@@ -117,7 +117,7 @@ _RUN_COLS = [  # (header, width, getter)
 ]
 _PREC_COLS = [
     ("model", 12, lambda r: r["model"]),
-    ("runner", 27, lambda r: r["label"]),
+    ("runner", 40, lambda r: r["label"]),
     ("vs", 22, lambda r: r["vs"]),
     ("pairs", 6, lambda r: _num(r["n_pairs"])),
     ("rel L2", 8, lambda r: _num(r["score_rel_l2"], "{:.1e}")),

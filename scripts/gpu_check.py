@@ -18,7 +18,8 @@ kill at any point leaves everything measured so far.
   4. precision, XLM-R-large shape (bge-reranker-v2-m3), as in 2.
   5. XLM-R-large, 4k NQ pairs: anchor fp16, packed eager, padded eager, packed compiled (padded compiled if
      packed did not compile on MiniLM); then MiniLM padded compiled.
-  6. MiniLM extras: token budgets 8k / 32k, bf16 (anchor and engines), length bucketing off, compiled budgets.
+  6. MiniLM extras: the best compiled engine under CUDA graphs (torch.compile mode "reduce-overhead"), token
+     budgets 8k / 32k, bf16 (anchor and engines), length bucketing off, compiled budgets.
   7. XLM-R extras: bf16 anchor and best config in bf16, budget 32k.
   4b. precision, ModernBERT-base shape (gte-reranker-modernbert-base: rotary, 128-token sliding windows,
      mean pooling), as in 2: the packed path's windowed attention on this GPU's kernels.
@@ -176,10 +177,10 @@ def run_check(args, state: dict) -> int:
             est.observe(key, time.monotonic() - t)
         return out
 
-    def engine(role, bundle, pairs, eng, dtype, compiled, budget=None, bucketing=True, repeats=None):
+    def engine(role, bundle, pairs, eng, dtype, compiled, budget=None, bucketing=True, repeats=None, mode=None):
         key = (role, "compiled" if compiled else "eager")
         spec = B.EngineSpec(engine=eng, dtype=dtype, compile=compiled, max_batch_tokens=budget or S.budget,
-                            bucketing=bucketing)
+                            bucketing=bucketing, compile_mode=mode)
         return timed(key, lambda: bench.run_engine(bundle, pairs, spec, est_s=est.est(key), cap_s=est.cap(key),
                                                    repeats=repeats))
 
@@ -258,8 +259,11 @@ def run_check(args, state: dict) -> int:
     compiled_small = [(r["pairs_per_s"], e) for r, e in compiled_small if _ok(r)]
     best_compiled = max(compiled_small)[1] if compiled_small else best_compiled
 
-    # 6. MiniLM extras: budgets, bf16, bucketing off
+    # 6. MiniLM extras: CUDA graphs, budgets, bf16, bucketing off
     if small is not None:
+        # CUDA graphs: a MiniLM-L6 batch is ~100 small kernels, so launch overhead is a visible share of it.
+        # A graph is recorded per token total the warm-up and the first repeat meet, then replayed.
+        engine("small", small, sp, best_compiled, S.main_dtype, True, mode="reduce-overhead")
         for budget in S.sweep:
             for eng in ("packed", "padded"):
                 engine("small", small, sp, eng, S.main_dtype, False, budget=budget)
