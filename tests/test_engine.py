@@ -181,14 +181,40 @@ def test_compiled_packed_engine_compiles_one_graph(tiny_bert):
     np.testing.assert_allclose(scores, plain, atol=1e-5)
 
 
-def test_packed_fixed_shapes_layout_keeps_scores(tiny_bert):
-    """The CUDA-compiled layout (fixed sequence count, zero-length and dummy sequences), checked on CPU."""
+@pytest.mark.parametrize("max_length,multiple,batch", [(None, 1, 64), (None, 256, 64), (12, 256, 43)])
+def test_packed_fixed_shapes_layout_keeps_scores(tiny_bert, max_length, multiple, batch):
+    """The CUDA-compiled layout (fixed sequence count, zero-length and dummy sequences), checked on CPU. With
+    totals rounded to 256 and pairs cut under 16 tokens, the rounding tail needs more dummy sequences than
+    16-token pieces would (the fixed count once came out too small and the batch failed)."""
     queries, docs = _pairs(120, seed=5)
-    plain, _ = Engine.from_pretrained(tiny_bert, EngineConfig(engine="packed")).score(queries, docs)
-    eng = Engine.from_pretrained(tiny_bert, EngineConfig(engine="packed", max_batch_size=64))
-    eng.static_shapes = True
-    scores, _ = eng.score(queries, docs)
+    cfg = dict(engine="packed", max_length=max_length, max_batch_size=batch)  # 43 x 12 tokens: a 252-token tail
+    plain, ref = Engine.from_pretrained(tiny_bert, EngineConfig(**cfg)).score(queries, docs)
+    eng = Engine.from_pretrained(tiny_bert, EngineConfig(**cfg))
+    eng.static_shapes, eng.total_multiple = True, multiple
+    scores, st = eng.score(queries, docs)
     np.testing.assert_allclose(scores, plain, atol=1e-5)
+    assert st.real_tokens == ref.real_tokens and (st.computed_tokens > st.real_tokens) == (multiple > 1)
+
+
+@pytest.mark.parametrize("overflow", [float("nan"), float("inf")])
+def test_self_check_ignores_an_overflowed_low_precision_reference(tiny_bert, overflow):
+    """The bound is a few times the HF model's own low-precision error; when that reference overflows (fp16 on
+    a GPU), the bound falls back to its floor: a NaN bound once rejected every backend, an infinite one
+    passed a wrong model."""
+    import copy
+
+    eng = Engine.from_pretrained(tiny_bert, EngineConfig(engine="packed", dtype="bfloat16", device="cpu"))
+
+    def overflowed(module, args, out):  # the bf16 HF model only; the check's fp32 copy stays finite
+        if module.classifier.weight.dtype != torch.float32:
+            out.logits = torch.full_like(out.logits, overflow)
+        return out
+
+    eng.model.register_forward_hook(overflowed)
+    assert eng._self_check(eng.packed) is None
+    wrong = copy.deepcopy(eng.packed)
+    wrong.classifier.bias.data += 1.0  # every logit off by one: a misread kernel's kind of error
+    assert "over the bound 0.01 " in eng._self_check(wrong)
 
 
 @pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 5000, 100_000])
