@@ -21,11 +21,9 @@ import pyarrow.compute as pc
 
 from jobs.layout import OutputLayout
 from jobs.storage import list_dir, locate, parallel, write_json, write_parquet
-from schemas.contract import DOC, DOC_ID, FIRST_STAGE_RANK, FIRST_STAGE_SCORE, LABEL, QUERY_ID, RESCORED, SCORE
-
-ROW = "_row"  # row index within the shard's scored file
-SEQ = "_seq"  # global input order: shard seq << 32 | row in shard (tie break of last resort)
-DOC_HASH = "_doc_hash"  # 64-bit hash of the passage text (--dedupe-docs)
+from schemas.contract import (
+    DOC, DOC_HASH, DOC_ID, FIRST_STAGE_RANK, FIRST_STAGE_SCORE, LABEL, QUERY_ID, RESCORED, ROW, SCORE, SEQ,
+)
 
 
 def _text_hashes(texts: list[str]) -> np.ndarray:

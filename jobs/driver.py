@@ -154,6 +154,8 @@ def _check_totals(plan, stats, failed) -> dict:
         "rows_rejected": sum(r["rows_rejected"] for r in ok),
         "rows_not_rescored": sum(r["rows_not_rescored"] or 0 for r in ok),
         "rows_in_failed_shards": sum(f["rows_in"] for f in failed),
+        # an unreadable file's rows are unknown (counted as 0 above): its shard failed and is named
+        "input_files_unreadable": sum(1 for f in plan.files if f.get("rows") is None),
         "shards": len(plan.shards), "shards_failed": len(failed),
         "retries": sum(max(0, (r["attempts"] or 1) - 1) for r in rows),
         "real_tokens": sum(r["real_tokens"] or 0 for r in ok),

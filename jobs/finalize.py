@@ -13,11 +13,12 @@ import polars as pl
 import pyarrow as pa
 
 from jobs.layout import OutputLayout
-from jobs.storage import exists, list_dir, locate, parallel, read_parquet, write_json, write_parquet
-from jobs.commit import DOC_HASH, ROW, SEQ
+from jobs.storage import (
+    delete_file, exists, list_dir, locate, parallel, read_json, read_parquet, write_json, write_parquet,
+)
 from schemas.contract import (
-    DOC_ID, DUPLICATE_DOC_IDS, DUPLICATE_OF, FIRST_STAGE_RANK, FIRST_STAGE_SCORE, QUERY_ID, RERANK_POSITION,
-    RESCORED, SCORE,
+    DOC_HASH, DOC_ID, DUPLICATE_DOC_IDS, DUPLICATE_OF, FIRST_STAGE_RANK, FIRST_STAGE_SCORE, QUERY_ID,
+    RERANK_POSITION, RESCORED, ROW, SCORE, SEQ,
 )
 
 
@@ -74,11 +75,19 @@ def rank_bucket(output: str, bucket: int, key_files: list[str], shard_by_seq: di
     layout = OutputLayout(locate(output))
     done = layout.bucket_done(bucket)
     if exists(done):
-        return {"bucket": bucket, "skipped": True}
+        # Positions never change on a rerun, shortlists do when --top-k does: an earlier cut that is no longer
+        # wanted goes, another cut ranks the bucket again.
+        marker = read_json(done)
+        if marker.get("top_k") != top_k and not top_k:
+            delete_file(layout.shortlist(bucket))
+            marker["top_k"] = top_k
+            write_json(marker, done)
+        if marker.get("top_k") == top_k:
+            return {**marker, "skipped": True}
     # One small file per shard with rows in this bucket (thousands on a big job): read and written concurrently.
     tables = parallel(lambda u: read_parquet(locate(u)), key_files)
     if not tables:
-        write_json({"bucket": bucket, "rows": 0}, done)
+        write_json({"bucket": bucket, "rows": 0, "docs_collapsed": 0, "top_k": top_k}, done)
         return {"bucket": bucket, "rows": 0}
     df = pl.from_arrow(pa.concat_tables(tables, promote_options="permissive"))
     df = first_stage_rank(df)
@@ -93,8 +102,9 @@ def rank_bucket(output: str, bucket: int, key_files: list[str], shard_by_seq: di
     if top_k:
         write_parquet(shortlists(df, top_k).to_arrow(), layout.shortlist(bucket))
     collapsed = int(df["_is_dup"].sum()) if "_is_dup" in df.columns else 0
-    write_json({"bucket": bucket, "rows": df.height, "docs_collapsed": collapsed}, done)  # the bucket's commit, last
-    return {"bucket": bucket, "rows": df.height, "docs_collapsed": collapsed}
+    marker = {"bucket": bucket, "rows": df.height, "docs_collapsed": collapsed, "top_k": top_k}
+    write_json(marker, done)  # the bucket's commit, last
+    return marker
 
 
 def finish_shard(output: str, shard: str) -> dict:

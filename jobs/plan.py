@@ -54,6 +54,14 @@ class Plan:
         return {"fingerprint": self.fingerprint(), "buckets": self.buckets, "files": self.files,
                 "shards": [s.to_dict() for s in self.shards]}
 
+    def keep_buckets(self, previous: dict) -> None:
+        """Keep the earlier run's bucket count while its buckets stay under twice the usual size: committed keys
+        are hashed by it, and the rows of a file fixed since (an unreadable file counts none) must not push the
+        total past a multiple of KEY_ROWS_PER_BUCKET and so make every committed shard unusable."""
+        before = previous.get("buckets")
+        if before and before != self.buckets and self.total_rows <= 2 * KEY_ROWS_PER_BUCKET * before:
+            self.buckets = before
+
     def resume_problem(self, previous: dict, committed) -> str | None:
         """Why the work of `previous` (a plan.json) cannot be resumed under this plan; None when it can.
 
@@ -117,8 +125,9 @@ def _footer(loc: Location) -> tuple[int | None, pq.FileMetaData | str]:
         return size, f"cannot read Parquet metadata ({type(e).__name__}: {e})"
 
 
-def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int) -> Plan:
-    files = list_parquet(inputs)
+def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Location | None = None) -> Plan:
+    """`exclude`: the job's output folder, never read as input (it may sit inside an input folder)."""
+    files = list_parquet(inputs, exclude)
     problems: list[str] = []
     schemas = {}
     metas: dict[str, tuple[Location, pq.FileMetaData | str]] = {}

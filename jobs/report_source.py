@@ -117,10 +117,13 @@ def _footer(loc: Location) -> tuple[int, pa.Schema]:
         raise rm.ScoresMissingError(f"{loc.uri}: not a readable Parquet file: {e}") from e
 
 
-def _kind(t: pa.DataType) -> str:
-    """What a column holds, whatever its width or encoding: staging widens each kind to one polars type."""
+def _kind(t: pa.DataType, column: str | None = None) -> str:
+    """What a column holds, whatever its width or encoding: staging widens each kind to one polars type.
+    A label is a graded relevance, integer in one file and float in another alike (the job accepts both)."""
     if pa.types.is_dictionary(t):
         t = t.value_type
+    if column == "label" and (pa.types.is_integer(t) or pa.types.is_floating(t)):
+        return "float"
     for kind, test in (("integer", pa.types.is_integer), ("float", pa.types.is_floating),
                        ("boolean", pa.types.is_boolean)):
         if test(t):
@@ -135,10 +138,11 @@ _WIDE = {"integer": pl.Int64, "float": pl.Float64, "string": pl.String}
 
 def _widen(df: pl.DataFrame) -> pl.DataFrame:
     """int32 in one file and int64 in another (both valid job outputs) must stack: every integer column
-    becomes Int64, float Float64, string or categorical String."""
+    becomes Int64, float Float64 (a label too, whatever it was), string or categorical String."""
     casts = []
     for name, dtype in df.schema.items():
-        kind = ("integer" if dtype.is_integer() else "float" if dtype.is_float()
+        kind = ("float" if name == "label" and dtype.is_numeric()
+                else "integer" if dtype.is_integer() else "float" if dtype.is_float()
                 else "string" if dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum) else None)
         if kind and dtype != _WIDE[kind]:
             casts.append(pl.col(name).cast(_WIDE[kind]))
@@ -159,9 +163,9 @@ def _check_columns(files: list[Location], schemas: list[pa.Schema]) -> None:
                 has, lacks = (loc, first) if c in schema.names else (first, loc)
                 raise rm.ScoresMissingError(f"column {c!r} is in {has.uri} but not in {lacks.uri}: "
                                             "the report needs it in every scores file or in none")
-            if c in schema.names and _kind(schema.field(c).type) != _kind(ref.field(c).type):
-                raise rm.ScoresMissingError(f"{loc.uri}: column {c!r} holds {_kind(schema.field(c).type)} "
-                                            f"values, but {_kind(ref.field(c).type)} in {first.uri}")
+            if c in schema.names and _kind(schema.field(c).type, c) != _kind(ref.field(c).type, c):
+                raise rm.ScoresMissingError(f"{loc.uri}: column {c!r} holds {_kind(schema.field(c).type, c)} "
+                                            f"values, but {_kind(ref.field(c).type, c)} in {first.uri}")
 
 
 def score_files(out: Location) -> list[Location]:

@@ -8,6 +8,7 @@ whose output is committed are skipped. See README.md for the input and output co
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -19,10 +20,17 @@ from jobs import manifest as mf
 from jobs.layout import REJECTS, SCORES, SHORTLISTS, WORK, OutputLayout
 from jobs.plan import make_plan
 from jobs.storage import (
-    delete_dir, exists, locate, parallel, read_json, remove_temporaries, write_json, write_parquet,
+    delete_dir, delete_file, exists, locate, parallel, read_json, remove_temporaries, write_json, write_parquet,
 )
 from kernels.loading import model_provenance
 from schemas.contract import STATS_SCHEMA, ColumnMap, InputSchemaError
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:  # --rerank-depth 0 once meant "off", i.e. rescore everything
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,12 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--doc-id-col", default="doc_id", help="column holding the passage id")
     io.add_argument("--first-stage-score-col", default="first_stage_score", help="column holding the retriever's score")
     io.add_argument("--overwrite", action="store_true", help="redo everything instead of resuming")
-    io.add_argument("--shard-rows", type=int, default=500_000, help="most rows per shard (whole row groups)")
+    io.add_argument("--shard-rows", type=_positive, default=500_000, help="most rows per shard (whole row groups)")
     model = ap.add_argument_group("model")
     model.add_argument("--model", required=True, help="Hugging Face id or local folder of a *ForSequenceClassification")
     model.add_argument("--revision", default=None, help="hub branch, tag or commit to load")
     model.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
-    model.add_argument("--max-length", type=int, default=None, help="longest pair in tokens (default: the model's limit)")
+    model.add_argument("--max-length", type=_positive, default=None, help="longest pair in tokens (default: the model's limit)")
     model.add_argument("--activation", choices=["identity", "sigmoid"], default="identity",
                        help="identity = raw logits (default); scores are ordering signals either way")
     eng = ap.add_argument_group("engine")
@@ -51,18 +59,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     eng.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
                      help="auto = float16 on CUDA, float32 on CPU")
     eng.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
-    eng.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per forward pass")
+    eng.add_argument("--max-batch-tokens", type=_positive, default=None, help="token budget per forward pass")
     eng.add_argument("--device", default="auto", help="auto, cpu, cuda")
     pool = ap.add_argument_group("cluster")
     pool.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else start locally)")
-    pool.add_argument("--num-actors", type=int, default=None, help="default: one per GPU, or one CPU actor")
+    pool.add_argument("--num-actors", type=_positive, default=None, help="default: one per GPU, or one CPU actor")
     pool.add_argument("--max-shard-retries", type=int, default=2, help="retries of a failing shard before it is reported")
     rank = ap.add_argument_group("ranking")
-    rank.add_argument("--rerank-depth", type=int, default=None,
+    rank.add_argument("--rerank-depth", type=_positive, default=None,
                       help="rescore only first_stage_rank <= K; deeper rows stay below, in first-stage order")
     rank.add_argument("--dedupe-docs", action="store_true",
                       help="collapse identical passage texts under different ids within a query (best-ranked id kept)")
-    rank.add_argument("--top-k", type=int, default=None, help="also write OUT/shortlists/ cut at K per query")
+    rank.add_argument("--top-k", type=_positive, default=None, help="also write OUT/shortlists/ cut at K per query")
     rank.add_argument("--no-report", action="store_true", help="skip the evaluation report at the end")
     rank.add_argument("--report-scratch", default=None, metavar="DIR",
                       help="local folder for the report's staged columns, tens of bytes a row (default: system temp)")
@@ -89,15 +97,34 @@ def job_spec(args: argparse.Namespace) -> dict:
         "model": args.model, "revision": args.revision, "trust_remote_code": args.trust_remote_code,
         "engine": engine, "output": args.output, "rerank_depth": args.rerank_depth,
         "dedupe_docs": args.dedupe_docs, "fault": fault,
-        "columns": {"query_id": args.query_id_col, "query": args.query_col, "doc_id": args.doc_id_col,
-                    "doc": args.doc_col, "first_stage_score": args.first_stage_score_col},
+        "columns": column_names(args),
     }
 
 
-def scoring_options(args: argparse.Namespace) -> dict:
+def column_names(args: argparse.Namespace) -> dict:
+    """Canonical column -> the input column it is read from (--query-col etc.)."""
+    return {"query_id": args.query_id_col, "query": args.query_col, "doc_id": args.doc_id_col,
+            "doc": args.doc_col, "first_stage_score": args.first_stage_score_col}
+
+
+def model_identity(provenance: dict) -> dict:
+    """Which weights score: a local folder by its files' hashes (wherever it lives, however the path is spelt;
+    new weights under the same path are another model), a hub id by the commit its revision resolved to."""
+    if provenance.get("model_path"):
+        return {k: provenance.get(k) for k in ("weights_sha256", "tokenizer_sha256", "config_sha256")}
+    return {"model": provenance["model"],
+            "revision": provenance.get("resolved_revision") or provenance.get("requested_revision")}
+
+
+def scoring_options(args: argparse.Namespace, provenance: dict) -> dict:
     """What decides a row's score and position: a rerun must match it to reuse committed shards."""
-    return {"model": args.model, "revision": args.revision, "max_length": args.max_length,
-            "activation": args.activation, "rerank_depth": args.rerank_depth, "dedupe_docs": args.dedupe_docs}
+    return {"model": model_identity(provenance), "max_length": args.max_length, "activation": args.activation,
+            "rerank_depth": args.rerank_depth, "dedupe_docs": args.dedupe_docs, "columns": column_names(args)}
+
+
+def _then_now(before, now) -> str:
+    text = f"{json.dumps(before, sort_keys=True)} then, {json.dumps(now, sort_keys=True)} now"
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def prepare_output(layout: OutputLayout, plan, overwrite: bool, options: dict | None = None) -> None:
@@ -105,8 +132,11 @@ def prepare_output(layout: OutputLayout, plan, overwrite: bool, options: dict | 
     if overwrite:
         for sub in (SCORES, REJECTS, SHORTLISTS, WORK, "report"):
             delete_dir(layout.root.child(sub))
+        for old in (layout.manifest, layout.stats):  # an interrupted redo must not keep the last run's "complete"
+            delete_file(old)
     elif exists(layout.plan):
         committed = layout.committed_shards()
+        plan.keep_buckets(read_json(layout.plan))
         problem = plan.resume_problem(read_json(layout.plan), committed.__contains__)
         if problem:
             raise SystemExit(f"{layout.root.uri} holds the output of different inputs or shard sizes "
@@ -114,8 +144,9 @@ def prepare_output(layout: OutputLayout, plan, overwrite: bool, options: dict | 
         previous = read_json(layout.plan).get("options")
         if options is not None and previous is not None and previous != options:
             changed = sorted(k for k in options if previous.get(k) != options[k])
-            raise SystemExit(f"{layout.root.uri} was written with other settings ({', '.join(changed)}): "
-                             "pass --overwrite or use another --output")
+            raise SystemExit(f"{layout.root.uri} was written with other settings: "
+                             + "; ".join(f"{k}: {_then_now(previous.get(k), options[k])}" for k in changed)
+                             + ". Pass --overwrite or use another --output")
     removed = remove_temporaries(layout.root) if exists(layout.root) else 0
     if removed:
         print(f"removed {removed} half-written file(s) left by an interrupted run", file=sys.stderr)
@@ -125,10 +156,9 @@ def prepare_output(layout: OutputLayout, plan, overwrite: bool, options: dict | 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started, t0 = mf.now(), time.perf_counter()
-    cols = ColumnMap(query_id=args.query_id_col, query=args.query_col, doc_id=args.doc_id_col, doc=args.doc_col,
-                     first_stage_score=args.first_stage_score_col)
+    cols = ColumnMap(**column_names(args))
     try:
-        plan = make_plan(args.input, cols, args.shard_rows)
+        plan = make_plan(args.input, cols, args.shard_rows, exclude=locate(args.output))
     except (InputSchemaError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -141,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot load model {args.model!r}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     layout = OutputLayout(locate(args.output))
-    prepare_output(layout, plan, args.overwrite, scoring_options(args))
-    spec = {**job_spec(args), "buckets": plan.buckets}
+    prepare_output(layout, plan, args.overwrite, scoring_options(args, provenance))
+    spec = {**job_spec(args), "buckets": plan.buckets, "model_path": provenance.get("model_path")}
 
     from jobs.driver import run_job  # imports ray: after the cheap checks, so bad input fails fast
 

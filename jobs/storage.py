@@ -45,30 +45,41 @@ def _has_glob(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
-def list_parquet(inputs: list[str]) -> list[Location]:
-    """Every Parquet file named by the inputs (files, directories, globs), sorted, each once."""
+def list_parquet(inputs: list[str], exclude: Location | None = None) -> list[Location]:
+    """Every Parquet file named by the inputs (files, directories, globs), sorted, each once.
+
+    A path that exists is taken as written, glob characters in its name or not. In a glob, `*`, `?` and
+    `[...]` stay within one folder and a `**` segment spans any number of folders. Under a directory, and
+    wherever a glob's wildcards reach, names starting with `_` or `.` are skipped (`_SUCCESS`, `_tmp/`,
+    `.hidden/`), and so is `exclude` (the job's own output, which may sit inside an input folder).
+    """
     found: dict[str, Location] = {}
+
+    def keep(loc: Location, path: str) -> bool:
+        return exclude is None or type(loc.fs) is not type(exclude.fs) or not _under(path, exclude.path)
+
     for spec in inputs:
-        if _has_glob(spec):
+        loc = locate(spec)
+        info = loc.fs.get_file_info(loc.path)
+        if info.type == pafs.FileType.NotFound and _has_glob(spec):
             head = spec[: min(spec.index(c) for c in "*?[" if c in spec)]
-            base = head.rsplit("/", 1)[0] if "/" in head else "."
-            root = locate(base)
-            pattern = locate(spec).path
-            infos = root.fs.get_file_info(pafs.FileSelector(root.path, recursive=True, allow_not_found=True))
-            hits = [i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, pattern)]
+            root = locate(head.rsplit("/", 1)[0] if "/" in head else ".")
+            pats = loc.path[len(root.path.rstrip("/")):].strip("/").split("/")
+            recursive = len(pats) > 1 or "**" in pats
+            infos = root.fs.get_file_info(pafs.FileSelector(root.path, recursive=recursive, allow_not_found=True))
+            hits = [i for i in infos if i.type == pafs.FileType.File and keep(root, i.path)
+                    and _glob_match(i.path[len(root.path.rstrip("/")):].strip("/").split("/"), pats)]
             if not hits:
                 raise FileNotFoundError(f"--input {spec}: the pattern matches no file")
             for i in hits:
                 found[i.path] = Location(root.fs, i.path, _uri_of(spec, root, i.path))
             continue
-        loc = locate(spec)
-        info = loc.fs.get_file_info(loc.path)
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"--input {spec}: no such file or directory")
         if info.type == pafs.FileType.Directory:
             infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
             files = [i for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-                     and not _hidden(i.path[len(loc.path):])]
+                     and not _hidden(i.path[len(loc.path):]) and keep(loc, i.path)]
             if not files:
                 raise FileNotFoundError(f"--input {spec}: the directory holds no .parquet file")
             for i in files:
@@ -76,6 +87,28 @@ def list_parquet(inputs: list[str]) -> list[Location]:
         else:
             found[loc.path] = loc
     return [found[k] for k in sorted(found)]
+
+
+def _glob_match(parts: list[str], pats: list[str]) -> bool:
+    """Path segments against pattern segments: fnmatch within a segment, `**` for any run of folders; a
+    wildcard never reaches a `_` or `.` name unless its own segment starts so."""
+    if not pats:
+        return not parts
+    head, rest = pats[0], pats[1:]
+    if head == "**":
+        return any(_glob_match(parts[i:], rest) for i in range(len(parts) + 1)
+                   if not any(_hidden(p) for p in parts[:i]))
+    if not parts:
+        return False
+    part = parts[0]
+    if _hidden(part) and _has_glob(head) and not head.startswith(part[0]):
+        return False
+    return fnmatch.fnmatchcase(part, head) and _glob_match(parts[1:], rest)
+
+
+def _under(path: str, folder: str) -> bool:
+    folder = folder.rstrip("/")
+    return path == folder or path.startswith(folder + "/")
 
 
 def _hidden(rel: str) -> bool:

@@ -15,9 +15,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.commit import ROW, commit_shard, maybe_fail
+from jobs.commit import commit_shard, maybe_fail
 from jobs.read_ahead import ShardReader
-from schemas.contract import DOC, FIRST_STAGE_RANK, QUERY, RESCORED, SCORE, ColumnMap, split_rejects, to_canonical
+from schemas.contract import (
+    DOC, FIRST_STAGE_RANK, QUERY, RESCORED, ROW, SCORE, ColumnMap, split_rejects, to_canonical,
+)
+
+
+def model_source(spec: dict) -> str:
+    """The model as the user named it; but a relative folder this process does not see (its working directory
+    is not the driver's) is the absolute folder the driver resolved it to. A hub id stays as it is."""
+    given, resolved = spec["model"], spec.get("model_path")
+    if resolved and not os.path.isdir(given) and os.path.isdir(resolved):
+        return resolved
+    return given
 
 
 class ShardWorker:
@@ -28,7 +39,7 @@ class ShardWorker:
 
         self.spec = spec
         t0 = time.perf_counter()
-        self.engine = engine or Engine.from_pretrained(spec["model"], EngineConfig(**spec["engine"]),
+        self.engine = engine or Engine.from_pretrained(model_source(spec), EngineConfig(**spec["engine"]),
                                                        revision=spec.get("revision"),
                                                        trust_remote_code=spec.get("trust_remote_code", False))
         self.load_s = time.perf_counter() - t0

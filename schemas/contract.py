@@ -35,6 +35,11 @@ DUPLICATE_DOC_IDS = "duplicate_doc_ids"  # --dedupe-docs: on the kept row, the i
 REJECT_REASON = "reject_reason"
 SOURCE_ROW = "source_row"  # row index within the input file, so a reject can be found at its source
 REJECTS_ADDED = pa.schema([pa.field(REJECT_REASON, pa.string()), pa.field(SOURCE_ROW, pa.int64())])
+# Working columns on rows between the job's phases, never in its outputs; prefixed so that no plausible
+# pass-through column is overwritten, and refused in the input like the columns above.
+ROW = "_crossrank_row"  # row index within the shard's scored file
+SEQ = "_crossrank_seq"  # global input order: shard seq << 32 | row in shard (tie break of last resort)
+DOC_HASH = "_crossrank_doc_hash"  # 64-bit hash of the passage text (--dedupe-docs)
 
 STATS_SCHEMA = pa.schema([
     ("shard", pa.string()), ("input_path", pa.string()), ("row_start", pa.int64()), ("row_end", pa.int64()),
@@ -101,7 +106,7 @@ _EXPECTED = {
     FIRST_STAGE_SCORE: (_is_number, "float"), FIRST_STAGE_RANK: (pa.types.is_integer, "integer"),
     LABEL: (_is_number, "number"),
 }
-_OURS = {SCORE, RESCORED, RERANK_POSITION, REJECT_REASON, SOURCE_ROW, DUPLICATE_OF, DUPLICATE_DOC_IDS}
+_OURS = {SCORE, RESCORED, RERANK_POSITION, REJECT_REASON, SOURCE_ROW, DUPLICATE_OF, DUPLICATE_DOC_IDS, ROW, SEQ, DOC_HASH}
 
 
 def check_file_schema(path: str, schema: pa.Schema, cols: ColumnMap) -> list[str]:

@@ -65,11 +65,12 @@ def nasty_table() -> pa.Table:
         rows.append({"query_id": qid, "query": q, "doc_id": did, "doc": d, "first_stage_score": s, "case": case,
                      # nested pass-through columns: must reach the output untouched
                      "meta": {"source": f"src-{i}", "tags": [f"t{i}", "x"] if i % 3 else []},
-                     "vec": [float(i), -1.5] if i % 4 else None})
+                     "vec": [float(i), -1.5] if i % 4 else None,
+                     "_row": 1000 + i})  # a user's column named like a job's working one once was
     schema = pa.schema([("query_id", pa.string()), ("query", pa.string()), ("doc_id", pa.string()),
                         ("doc", pa.string()), ("first_stage_score", pa.float64()), ("case", pa.string()),
                         ("meta", pa.struct([("source", pa.string()), ("tags", pa.list_(pa.string()))])),
-                        ("vec", pa.list_(pa.float32()))])
+                        ("vec", pa.list_(pa.float32())), ("_row", pa.int64())])
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -157,7 +158,8 @@ def test_nested_and_extra_columns_pass_through(corpus_run):
         assert t.schema.field("vec").type == pa.list_(pa.float32())
         for r in t.to_pylist():
             if r["case"] is not None:  # None: rows of the categorical file, which has no such columns
-                assert (r["meta"], r["vec"]) == (src[r["case"]]["meta"], src[r["case"]]["vec"]), r["case"]
+                assert (r["meta"], r["vec"], r["_row"]) == (src[r["case"]]["meta"], src[r["case"]]["vec"],
+                                                             src[r["case"]]["_row"]), r["case"]
                 seen += 1
     assert seen == len(CASES)
 

@@ -89,13 +89,14 @@ def test_optional_column_in_some_files_only_names_them(tmp_path: Path) -> None:
 
 
 def test_widths_and_extra_columns_may_differ_between_files(tmp_path: Path) -> None:
-    """int32 ids in one file and int64 in the other, a pass-through column in one file only, a folder named
-    like a shard: the report is the one of the tidy folder."""
+    """int32 ids in one file and int64 in the other, integer labels in one file and float in the other (the job
+    takes both), a pass-through column in one file only, a folder named like a shard: the report is the one
+    of the tidy folder."""
     ints = lambda df: df.with_columns(pl.col("query_id").str.slice(1).cast(pl.Int64))  # noqa: E731
     a, b = ints(_rows(range(0, 3))), ints(_rows(range(3, 6)))
     tidy = _two_files(tmp_path / "tidy", a, b)
     messy = _two_files(tmp_path / "messy", a.with_columns(pl.col("query_id").cast(pl.Int32)),
-                       b.with_columns(tenant=pl.lit("t1")))
+                       b.with_columns(tenant=pl.lit("t1"), label=pl.col("label").cast(pl.Float64)))
     (messy / "scores" / "stray.parquet").mkdir()
     want = write_report(str(tidy), quiet=True)
     got = write_report(str(messy), quiet=True)

@@ -1,0 +1,132 @@
+"""What a rerun resumes and what it refuses: a model is known by its files (not by how its path is spelt), a
+column mapping is a setting, a new --top-k recuts the shortlists, counts survive a resume, an interrupted
+--overwrite leaves no stale "complete", and a fixed file keeps the bucket count."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import job_args, read_dir, shortlist_rows, write_shortlists
+from jobs.rerank import main
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def _uncommit(out, shard: str) -> None:
+    """As if the run had died before this shard's commit."""
+    (out / "scores" / f"{shard}.parquet").unlink()
+    (out / "_work" / "scored" / f"{shard}.parquet").unlink()
+
+
+def test_a_model_is_known_by_its_files_and_columns_are_settings(ray_local, tiny_bert, tmp_path, capsys,
+                                                                 monkeypatch):
+    """Other weights copied under the same path once resumed and mixed two models' scores in one output, and the
+    same folder under another spelling of its path was refused; a changed --doc-col resumed silently."""
+    from scripts.make_tiny_model import make_tiny_model
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for f in range(2):
+        t = pa.Table.from_pylist(shortlist_rows(3, 10, prefix=f"f{f}q", seed=f)).rename_columns(
+            ["query_id", "query", "doc_id", "passage", "first_stage_score"])
+        pq.write_table(t.append_column("passage_clean", pc.utf8_upper(t["passage"])), inp / f"part-{f}.parquet")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert, model)
+    out = tmp_path / "out"
+    assert _run(job_args(inp, out, model, "--doc-col", "passage"), capsys)[0] == 0
+    shards = sorted(p.stem for p in (out / "scores").glob("*.parquet"))
+    assert len(shards) == 2
+
+    _uncommit(out, shards[0])
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(model, tmp_path / "elsewhere" / "same")
+    code, err = _run(job_args(inp, out, "elsewhere/same", "--doc-col", "passage"), capsys)  # relative, elsewhere
+    assert code == 0, err
+    assert "resuming: 1 of 2 shard(s) already committed" in err
+
+    _uncommit(out, shards[0])
+    shutil.rmtree(model)
+    shutil.copytree(make_tiny_model(tmp_path / "other", "bert", seed=1), model)
+    with pytest.raises(SystemExit, match=r"other settings: model: \{.*weights_sha256"):
+        main(job_args(inp, out, model, "--doc-col", "passage"))
+    with pytest.raises(SystemExit, match=r"other settings: columns: .*\"passage\".* then, .*\"passage_clean\""):
+        main(job_args(inp, out, "elsewhere/same", "--doc-col", "passage_clean"))
+    code, err = _run(job_args(inp, out, "elsewhere/same", "--doc-col", "passage"), capsys)
+    assert code == 0, err  # the original model and mapping finish the job
+
+
+def test_top_k_recuts_shortlists_and_counts_survive_a_resume(ray_local, tiny_bert, tmp_path, capsys):
+    """A new --top-k was ignored by a rerun (shortlists kept the old cut while the manifest named the new one),
+    and a rerun reported docs_collapsed 0."""
+    rows = shortlist_rows(4, 8)
+    for i in range(0, len(rows), 8):
+        rows[i + 1]["doc"] = rows[i]["doc"]  # one duplicate passage under another id, per query
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), inp)
+    out = tmp_path / "out"
+
+    def run(*extra) -> tuple[dict, list[int] | None]:
+        code, err = _run(job_args(inp, out, tiny_bert, "--dedupe-docs", *extra), capsys)
+        assert code == 0, err
+        manifest = json.loads((out / "manifest.json").read_text())
+        lists = read_dir(out / "shortlists") if (out / "shortlists").exists() else None
+        return manifest, None if lists is None else sorted(len(ids) for ids in lists["doc_ids"].to_pylist())
+
+    for extra, cut in ((("--top-k", "2"), [2] * 4), (("--top-k", "2"), [2] * 4), (("--top-k", "5"), [5] * 4),
+                       ((), None), (("--top-k", "20"), [7] * 4)):  # 8 candidates, one collapsed
+        manifest, lengths = run(*extra)
+        assert manifest["totals"]["docs_collapsed"] == 4, extra
+        assert manifest["top_k"] == (int(extra[1]) if extra else None)
+        assert lengths == cut, extra
+
+
+def test_overwrite_forgets_the_last_runs_manifest_before_anything_else(tmp_path):
+    """A redo killed early once left the previous run's manifest saying "complete" over an emptied output."""
+    from jobs.layout import OutputLayout
+    from jobs.plan import make_plan
+    from jobs.rerank import prepare_output
+    from jobs.storage import locate
+    from schemas.contract import ColumnMap
+
+    inp = write_shortlists(tmp_path / "in", files=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"status": "complete"}))
+    pq.write_table(pa.table({"shard": ["x"]}), out / "stats.parquet")
+    prepare_output(OutputLayout(locate(str(out))), make_plan([str(inp)], ColumnMap(), 80), True, {})
+    assert not (out / "manifest.json").exists() and not (out / "stats.parquet").exists()
+    assert (out / "_work" / "plan.json").exists()
+
+
+def test_a_fixed_file_keeps_the_bucket_count(tmp_path, monkeypatch):
+    """An unreadable file counts no rows; once fixed, its rows pushed the total past a multiple of the bucket
+    size and the rerun was refused ("hashed into 4 buckets then, 5 now"), though it should redo just that file."""
+    import jobs.plan as plan_mod
+    from schemas.contract import ColumnMap
+
+    monkeypatch.setattr(plan_mod, "KEY_ROWS_PER_BUCKET", 100)
+    inp = write_shortlists(tmp_path / "in", files=2, n_queries=8, per_query=20)  # 320 rows
+    broken = inp / "part-00-broken.parquet"
+    broken.write_bytes(b"PAR1 truncated")
+    before = plan_mod.make_plan([str(inp)], ColumnMap(), 80)
+    previous = json.loads(json.dumps(before.to_json()))
+    committed = {s.name for s in before.shards if "broken" not in s.name}
+    pq.write_table(pa.Table.from_pylist(shortlist_rows(8, 20, prefix="b")), broken)  # +160 rows
+    after = plan_mod.make_plan([str(inp)], ColumnMap(), 80)
+    assert (before.buckets, after.buckets) == (4, 5)
+    assert "buckets" in after.resume_problem(previous, committed.__contains__)
+    after.keep_buckets(previous)
+    assert after.buckets == 4 and after.resume_problem(previous, committed.__contains__) is None
+
+    pq.write_table(pa.Table.from_pylist(shortlist_rows(30, 20, prefix="b")), broken)  # 920 rows: buckets too big
+    grown = plan_mod.make_plan([str(inp)], ColumnMap(), 80)
+    grown.keep_buckets(previous)
+    assert grown.buckets == 10
