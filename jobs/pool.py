@@ -31,10 +31,15 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from jobs.commit import commit_shard
 from jobs.worker import ShardWorker
+from kernels.loading import then_now
 
 # Commits an actor may have in flight before it gets no new shard: one overlapping its next shard's scoring,
 # one more to absorb a slow upload; more would only pile scored shards up in the node's object store.
 MAX_COMMITS_PER_ACTOR = 2
+
+
+class ActorStartError(RuntimeError):
+    """No actor can run this job as asked: its model fails to load, or it is not the model the driver checked."""
 
 
 @dataclass
@@ -222,19 +227,27 @@ class ActorPool:
     def _started(self, slot: _Slot) -> None:
         try:
             slot.info = ray.get(slot.ready_ref)
+            expected, loaded = self.spec.get("model_identity"), slot.info.get("model_identity")
+            if expected is not None and loaded != expected:
+                raise ActorStartError(
+                    f"actor {slot.info.get('actor')} loaded another model than the driver checked "
+                    f"({self.spec['model']}: {then_now(expected, loaded)}); every node must see the same "
+                    "files under the model's path")
             slot.ready = True
             self.first_ready = self.first_ready or time.monotonic()  # start-up ends: reported apart
         except RayActorError as e:
             if getattr(e, "actor_init_failed", False):
                 # A model that cannot load will not load on a fresh actor either: stop, say why.
-                raise RuntimeError(f"actor failed to start: {e}") from e
+                raise ActorStartError(f"actor failed to start: {e}") from e
             # The process or its node died while the model loaded: start another, a bounded number of times.
             self.start_failures += 1
             if self.start_failures > self.target * (self.max_retries + 1):
-                raise RuntimeError(f"actors keep dying while they start ({self.start_failures} so far): {e}") from e
+                raise ActorStartError(f"actors keep dying while they start ({self.start_failures} so far): {e}") from e
             self._drop(slot, replace=True)
+        except ActorStartError:
+            raise
         except Exception as e:
-            raise RuntimeError(f"actor failed to start: {e}") from e
+            raise ActorStartError(f"actor failed to start: {e}") from e
 
     def _settle_dead_actor(self, slot: _Slot, shard: dict, attempt: int, error: RayActorError, on_done,
                            queue: deque, retry_or_fail) -> None:

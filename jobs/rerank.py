@@ -8,7 +8,6 @@ whose output is committed are skipped. See README.md for the input and output co
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ from jobs.plan import make_plan
 from jobs.storage import (
     delete_dir, delete_file, exists, locate, parallel, read_json, remove_temporaries, write_json, write_parquet,
 )
-from kernels.loading import model_provenance
+from kernels.loading import model_identity, model_provenance, then_now
 from schemas.contract import STATS_SCHEMA, ColumnMap, InputSchemaError
 
 
@@ -107,24 +106,10 @@ def column_names(args: argparse.Namespace) -> dict:
             "doc": args.doc_col, "first_stage_score": args.first_stage_score_col}
 
 
-def model_identity(provenance: dict) -> dict:
-    """Which weights score: a local folder by its files' hashes (wherever it lives, however the path is spelt;
-    new weights under the same path are another model), a hub id by the commit its revision resolved to."""
-    if provenance.get("model_path"):
-        return {k: provenance.get(k) for k in ("weights_sha256", "tokenizer_sha256", "config_sha256")}
-    return {"model": provenance["model"],
-            "revision": provenance.get("resolved_revision") or provenance.get("requested_revision")}
-
-
 def scoring_options(args: argparse.Namespace, provenance: dict) -> dict:
     """What decides a row's score and position: a rerun must match it to reuse committed shards."""
     return {"model": model_identity(provenance), "max_length": args.max_length, "activation": args.activation,
             "rerank_depth": args.rerank_depth, "dedupe_docs": args.dedupe_docs, "columns": column_names(args)}
-
-
-def _then_now(before, now) -> str:
-    text = f"{json.dumps(before, sort_keys=True)} then, {json.dumps(now, sort_keys=True)} now"
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def prepare_output(layout: OutputLayout, plan, overwrite: bool, options: dict | None = None) -> None:
@@ -145,7 +130,7 @@ def prepare_output(layout: OutputLayout, plan, overwrite: bool, options: dict | 
         if options is not None and previous is not None and previous != options:
             changed = sorted(k for k in options if previous.get(k) != options[k])
             raise SystemExit(f"{layout.root.uri} was written with other settings: "
-                             + "; ".join(f"{k}: {_then_now(previous.get(k), options[k])}" for k in changed)
+                             + "; ".join(f"{k}: {then_now(previous.get(k), options[k])}" for k in changed)
                              + ". Pass --overwrite or use another --output")
     removed = remove_temporaries(layout.root) if exists(layout.root) else 0
     if removed:
@@ -172,11 +157,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     layout = OutputLayout(locate(args.output))
     prepare_output(layout, plan, args.overwrite, scoring_options(args, provenance))
-    spec = {**job_spec(args), "buckets": plan.buckets, "model_path": provenance.get("model_path")}
+    spec = {**job_spec(args), "buckets": plan.buckets, "model_path": provenance.get("model_path"),
+            "model_identity": model_identity(provenance)}
 
     from jobs.driver import run_job  # imports ray: after the cheap checks, so bad input fails fast
+    from jobs.pool import ActorStartError
 
-    result = run_job(args, spec, plan, layout, provenance)
+    try:
+        result = run_job(args, spec, plan, layout, provenance)
+    except ActorStartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     totals = result["totals"]
     manifest = {
         "status": "complete" if not result["failed"] else "incomplete",

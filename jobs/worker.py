@@ -31,6 +31,18 @@ def model_source(spec: dict) -> str:
     return given
 
 
+def _loaded_identity(spec: dict, engine) -> dict:
+    """`kernels.loading.model_identity` of the model this process loaded: a local folder's file hashes, or the
+    hub commit its config came from (no second hub call)."""
+    from kernels.loading import model_identity, model_provenance
+
+    source = model_source(spec)
+    if os.path.isdir(source):
+        return model_identity(model_provenance(source, trust_remote_code=spec.get("trust_remote_code", False)))
+    return model_identity({"model": spec["model"], "requested_revision": spec.get("revision"),
+                           "resolved_revision": getattr(engine.config, "_commit_hash", None)})
+
+
 class ShardWorker:
     def __init__(self, spec: dict, engine=None):
         """Loads spec["model"] with spec["engine"] settings, or takes a ready `engine` (benchmarks)."""
@@ -42,6 +54,9 @@ class ShardWorker:
         self.engine = engine or Engine.from_pretrained(model_source(spec), EngineConfig(**spec["engine"]),
                                                        revision=spec.get("revision"),
                                                        trust_remote_code=spec.get("trust_remote_code", False))
+        # What this process actually loaded, for the driver to hold against what it checked: a node with
+        # another copy under the same path, or a folder changed since, must not score into the same output.
+        self.model_identity = _loaded_identity(spec, self.engine) if engine is None else None
         self.load_s = time.perf_counter() - t0
         self.warmup_s = self.engine.warmup() if self.engine.compiled and engine is None else 0.0
         self.cols = ColumnMap(**spec["columns"])
@@ -50,7 +65,7 @@ class ShardWorker:
 
     def describe(self) -> dict:
         return {**self.engine.describe(), "actor": self.name, "load_s": self.load_s, "warmup_s": self.warmup_s,
-                "node_id": _ray_node_id()}
+                "node_id": _ray_node_id(), "model_identity": self.model_identity}
 
     def score_shard(self, shard: dict, attempt: int = 1, read_ahead: dict | None = None) -> tuple[dict, dict]:
         """Read, validate and score one shard; start reading `read_ahead` (the next shard the driver has

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,22 @@ def model_provenance(name_or_path: str, revision: str | None = None, *, trust_re
     cfg = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     out["resolved_revision"] = getattr(cfg, "_commit_hash", None)
     return out
+
+
+def model_identity(provenance: dict) -> dict:
+    """Which weights score (from `model_provenance`): a local folder by its files' hashes (wherever it lives,
+    however the path is spelt; new weights under the same path are another model), a hub id by the commit
+    its revision resolved to."""
+    if provenance.get("model_path"):
+        return {k: provenance.get(k) for k in ("weights_sha256", "tokenizer_sha256", "config_sha256")}
+    return {"model": provenance["model"],
+            "revision": provenance.get("resolved_revision") or provenance.get("requested_revision")}
+
+
+def then_now(before, now) -> str:
+    """Two values side by side for an error message, cut to a readable length."""
+    text = f"{json.dumps(before, sort_keys=True)} then, {json.dumps(now, sort_keys=True)} now"
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _hash_files(paths: list[Path]) -> str | None:

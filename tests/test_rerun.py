@@ -63,6 +63,39 @@ def test_a_model_is_known_by_its_files_and_columns_are_settings(ray_local, tiny_
     assert code == 0, err  # the original model and mapping finish the job
 
 
+def _cwd() -> str:
+    import os
+
+    return os.getcwd()
+
+
+_cwd.__module__ = "__main__"  # shipped to Ray workers by value: they cannot import this test module
+
+
+def test_an_actor_that_loads_other_weights_stops_the_job(ray_local, tiny_bert, tmp_path, capsys, monkeypatch):
+    """The model's path names other files where the actors run (another node's copy, another working folder):
+    the job stops before scoring anything, rather than write a second model's scores under the manifest's."""
+    import os
+    from pathlib import Path
+
+    from scripts.make_tiny_model import make_tiny_model
+
+    actors_cwd = Path(ray_local.get(ray_local.remote(_cwd).remote()))
+    name = f"_crossrank_test_model_{os.getpid()}"
+    inp = write_shortlists(tmp_path / "in", files=1, n_queries=2, per_query=5)
+    shutil.copytree(tiny_bert, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    assert actors_cwd != tmp_path
+    try:
+        make_tiny_model(actors_cwd / name, "bert", seed=1)  # what the same relative path means over there
+        code, err = _run(job_args(inp, tmp_path / "out", name), capsys)
+    finally:
+        shutil.rmtree(actors_cwd / name, ignore_errors=True)
+    assert code == 2, err
+    assert "loaded another model than the driver checked" in err and "weights_sha256" in err, err
+    assert not list((tmp_path / "out").glob("scores/*.parquet"))
+
+
 def test_top_k_recuts_shortlists_and_counts_survive_a_resume(ray_local, tiny_bert, tmp_path, capsys):
     """A new --top-k was ignored by a rerun (shortlists kept the old cut while the manifest named the new one),
     and a rerun reported docs_collapsed 0."""
