@@ -47,7 +47,7 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
     score_t0_mono = time.monotonic()  # the pool stamps its first ready actor on this clock
     first_ready = None
     if pending:
-        n, resources = actor_resources(args.num_actors)
+        n, resources = actor_resources(args.num_actors, spec.get("engine"))
         pool = ActorPool(spec, n, resources, max_retries=args.max_shard_retries,
                          recover=lambda shard: _committed_stats(layout, shard))
         bar = _progress(sum(s["row_end"] - s["row_start"] for s in pending), args.quiet)

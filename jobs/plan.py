@@ -136,6 +136,10 @@ def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Loca
         metas[loc.uri] = (loc, meta)
         sizes[loc.uri] = size
         if isinstance(meta, str):
+            # A `.parquet` file that cannot be read is planned as a shard that fails (a partial upload, fixed
+            # and rerun); a file named otherwise (a CSV given by name or glob) is a mistake to stop at now.
+            if not loc.path.endswith(".parquet"):
+                problems.append(f"{loc.uri}: not a Parquet file ({meta})")
             continue
         schema = meta.schema.to_arrow_schema()
         schemas[loc.uri] = schema

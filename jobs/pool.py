@@ -54,9 +54,15 @@ class _Slot:
     commits: int = 0  # its scored shards whose commit tasks are still running
 
 
-def actor_resources(num_actors: int | None) -> tuple[int, dict]:
-    """How many actors, and what each asks of Ray: one per GPU, else one CPU actor using a node's cores."""
+def actor_resources(num_actors: int | None, engine: dict | None = None) -> tuple[int, dict]:
+    """How many actors, and what each asks of Ray: one per GPU, else one CPU actor using a node's cores.
+    ActorStartError, before any actor starts, for engine settings no actor of this cluster could run."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    device, dtype = (engine or {}).get("device", "auto"), (engine or {}).get("dtype", "auto")
+    if str(device).startswith("cuda") and not gpus:
+        raise ActorStartError(f"--device {device}, but the Ray cluster has no GPU")
+    if dtype == "float16" and (device == "cpu" or not gpus):
+        raise ActorStartError("--dtype float16 needs a GPU, and these actors run on CPU: use float32 or bfloat16")
     node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
     total_cpus = sum(node_cpus)
     if gpus:
@@ -237,8 +243,9 @@ class ActorPool:
             self.first_ready = self.first_ready or time.monotonic()  # start-up ends: reported apart
         except RayActorError as e:
             if getattr(e, "actor_init_failed", False):
-                # A model that cannot load will not load on a fresh actor either: stop, say why.
-                raise ActorStartError(f"actor failed to start: {e}") from e
+                # A model that cannot load will not load on a fresh actor either: stop, say why (the actor's
+                # traceback is in its log above; the last line is the reason).
+                raise ActorStartError(f"actor failed to start: {_last_error_line(e)}") from e
             # The process or its node died while the model loaded: start another, a bounded number of times.
             self.start_failures += 1
             if self.start_failures > self.target * (self.max_retries + 1):
@@ -275,6 +282,14 @@ def _short(e: Exception) -> str:
     cause = getattr(e, "cause", None) or e
     lines = "".join(traceback.format_exception_only(type(cause), cause)).strip().splitlines()
     return lines[-1] if lines else repr(cause)
+
+
+def _last_error_line(e: Exception) -> str:
+    """`SomeError: message`, the last such line of a remote traceback, else the whole text."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    errors = [l for l in lines if l.split(":", 1)[0].replace(".", "").isidentifier()
+              and l.split(":", 1)[0].endswith(("Error", "Exception", "Architecture"))]
+    return errors[-1] if errors else str(e)
 
 
 def _first_line(e: Exception) -> str:

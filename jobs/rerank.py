@@ -13,6 +13,7 @@ import sys
 import time
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs import manifest as mf
@@ -25,11 +26,18 @@ from kernels.loading import model_identity, model_provenance, then_now
 from schemas.contract import STATS_SCHEMA, ColumnMap, InputSchemaError
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:  # --rerank-depth 0 once meant "off", i.e. rescore everything
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
-    return value
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:  # --rerank-depth 0 once meant "off", i.e. rescore everything
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {low}, got {text}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"  # what argparse names in its message
+    return parse
+
+
+_positive = _at_least(1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--doc-id-col", default="doc_id", help="column holding the passage id")
     io.add_argument("--first-stage-score-col", default="first_stage_score", help="column holding the retriever's score")
     io.add_argument("--overwrite", action="store_true", help="redo everything instead of resuming")
-    io.add_argument("--shard-rows", type=_positive, default=500_000, help="most rows per shard (whole row groups)")
+    io.add_argument("--shard-rows", type=_positive, default=500_000, help="most rows per shard (whole row groups; default %(default)s)")
     model = ap.add_argument_group("model")
     model.add_argument("--model", required=True, help="Hugging Face id or local folder of a *ForSequenceClassification")
     model.add_argument("--revision", default=None, help="hub branch, tag or commit to load")
@@ -61,9 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     eng.add_argument("--max-batch-tokens", type=_positive, default=None, help="token budget per forward pass")
     eng.add_argument("--device", default="auto", help="auto, cpu, cuda")
     pool = ap.add_argument_group("cluster")
-    pool.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else start locally)")
+    pool.add_argument("--address", default=None,
+                      help="Ray cluster address; default: RAY_ADDRESS, else (Ray's rule) a cluster started with "
+                           "`ray start` on this machine, else a new local one; `local` always starts a new one")
     pool.add_argument("--num-actors", type=_positive, default=None, help="default: one per GPU, or one CPU actor")
-    pool.add_argument("--max-shard-retries", type=int, default=2, help="retries of a failing shard before it is reported")
+    pool.add_argument("--max-shard-retries", type=_at_least(0), default=2,
+                      help="retries of a failing shard before it is reported (default %(default)s)")
     rank = ap.add_argument_group("ranking")
     rank.add_argument("--rerank-depth", type=_positive, default=None,
                       help="rescore only first_stage_rank <= K; deeper rows stay below, in first-stage order")
@@ -73,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rank.add_argument("--no-report", action="store_true", help="skip the evaluation report at the end")
     rank.add_argument("--report-scratch", default=None, metavar="DIR",
                       help="local folder for the report's staged columns, tens of bytes a row (default: system temp)")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar and no summary tables (errors still print)")
     return ap.parse_args(argv)
 
 
@@ -112,8 +123,20 @@ def scoring_options(args: argparse.Namespace, provenance: dict) -> dict:
             "rerank_depth": args.rerank_depth, "dedupe_docs": args.dedupe_docs, "columns": column_names(args)}
 
 
+class OutputConflict(Exception):
+    """--output holds another job's work; the message says what differs."""
+
+
+def _setting_change(key: str, before, now) -> str:
+    if key == "model" and isinstance(before, dict) and isinstance(now, dict):
+        differ = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        return "model: " + ", ".join(f"{k} {str(before.get(k))[:12]} then, {str(now.get(k))[:12]} now" for k in differ)
+    return f"{key}: {then_now(before, now)}"
+
+
 def prepare_output(layout: OutputLayout, plan, overwrite: bool, options: dict | None = None) -> None:
-    """Start fresh, or resume the same job: refuse to mix the outputs of different inputs or settings."""
+    """Start fresh, or resume the same job: refuse (OutputConflict) to mix the outputs of different inputs or
+    settings."""
     if overwrite:
         for sub in (SCORES, REJECTS, SHORTLISTS, WORK, "report"):
             delete_dir(layout.root.child(sub))
@@ -124,18 +147,39 @@ def prepare_output(layout: OutputLayout, plan, overwrite: bool, options: dict | 
         plan.keep_buckets(read_json(layout.plan))
         problem = plan.resume_problem(read_json(layout.plan), committed.__contains__)
         if problem:
-            raise SystemExit(f"{layout.root.uri} holds the output of different inputs or shard sizes "
-                             f"({problem}): pass --overwrite or use another --output")
+            raise OutputConflict(f"{layout.root.uri} holds the output of different inputs or shard sizes "
+                                 f"({problem}): pass --overwrite or use another --output")
         previous = read_json(layout.plan).get("options")
         if options is not None and previous is not None and previous != options:
             changed = sorted(k for k in options if previous.get(k) != options[k])
-            raise SystemExit(f"{layout.root.uri} was written with other settings: "
-                             + "; ".join(f"{k}: {then_now(previous.get(k), options[k])}" for k in changed)
-                             + ". Pass --overwrite or use another --output")
+            raise OutputConflict(f"{layout.root.uri} was written with other settings: "
+                                 + "; ".join(_setting_change(k, previous.get(k), options[k]) for k in changed)
+                                 + ". Pass --overwrite or use another --output")
     removed = remove_temporaries(layout.root) if exists(layout.root) else 0
     if removed:
         print(f"removed {removed} half-written file(s) left by an interrupted run", file=sys.stderr)
     write_json({**plan.to_json(), "options": options}, layout.plan)
+
+
+def check_engine_choice(args: argparse.Namespace) -> None:
+    """--engine packed on an architecture it cannot run fails here, before Ray, not in every actor."""
+    if args.engine != "packed":
+        return
+    from transformers import AutoConfig
+
+    from kernels import packed
+
+    config = AutoConfig.from_pretrained(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
+    if not packed.supports(config):
+        raise packed.UnsupportedArchitecture(
+            f"--engine packed does not support model_type {config.model_type!r}; use --engine auto or padded")
+
+
+def _model_hint(model: str, error: Exception) -> str:
+    if isinstance(error, (FileNotFoundError, NotADirectoryError)) or "packed" in str(error):
+        return ""
+    return ("\n  a hub id needs network access or the model in the local Hugging Face cache (HF_HUB_OFFLINE=1 "
+            "reads the cache without retrying); a local folder must hold config.json and *.safetensors")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,20 +187,35 @@ def main(argv: list[str] | None = None) -> int:
     started, t0 = mf.now(), time.perf_counter()
     cols = ColumnMap(**column_names(args))
     try:
-        plan = make_plan(args.input, cols, args.shard_rows, exclude=locate(args.output))
-    except (InputSchemaError, FileNotFoundError) as e:
+        out = locate(args.output)
+        if out.fs.get_file_info(out.path).type == pafs.FileType.File:
+            raise NotADirectoryError(f"--output {args.output} is a file; name a folder (it is created if missing)")
+        plan = make_plan(args.input, cols, args.shard_rows, exclude=out)
+    except (InputSchemaError, FileNotFoundError, NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, pa.ArrowException) as e:  # a store that cannot be reached, credentials, permissions
+        print(f"error: cannot read --input or --output: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     if args.rerank_depth and any("first_stage_rank" not in c for c in plan.columns.values()):
         print("error: --rerank-depth needs a first_stage_rank column in every input file", file=sys.stderr)
         return 2
     try:  # the model's config and revision, before Ray starts: a wrong id or missing flag fails in one line
         provenance = model_provenance(args.model, args.revision, trust_remote_code=args.trust_remote_code)
+        check_engine_choice(args)
     except Exception as e:
-        print(f"error: cannot load model {args.model!r}: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"error: cannot load model {args.model!r}: {type(e).__name__}: {e}{_model_hint(args.model, e)}",
+              file=sys.stderr)
         return 2
-    layout = OutputLayout(locate(args.output))
-    prepare_output(layout, plan, args.overwrite, scoring_options(args, provenance))
+    layout = OutputLayout(out)
+    try:
+        prepare_output(layout, plan, args.overwrite, scoring_options(args, provenance))
+    except OutputConflict as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, pa.ArrowException) as e:
+        print(f"error: cannot write --output {args.output}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     spec = {**job_spec(args), "buckets": plan.buckets, "model_path": provenance.get("model_path"),
             "model_identity": model_identity(provenance)}
 
@@ -181,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_json(manifest, layout.manifest)
     if result["failed"]:
-        print(f"\n{len(result['failed'])} shard(s) failed; rerun the same command to finish them:", file=sys.stderr)
+        print(f"\n{len(result['failed'])} shard(s) failed; mend what each error names (or wait out a passing "
+              "fault), then rerun the same command: it redoes only these", file=sys.stderr)
         for f in result["failed"]:
             print(f"  {f['shard']} ({f['input_path']} rows {f['row_start']}-{f['row_end']}, "
                   f"{f['attempts']} attempt(s)): {f['error']}", file=sys.stderr)

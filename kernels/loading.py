@@ -64,7 +64,11 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, r
 def model_provenance(name_or_path: str, revision: str | None = None, *, trust_remote_code: bool = False) -> dict:
     """What is needed to load the very same weights again: the resolved hub commit, or a hash of local files."""
     out: dict = {"model": name_or_path, "requested_revision": revision}
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir() and _looks_like_path(name_or_path):
+        raise FileNotFoundError(f"no model folder at {path.resolve()} (a hub id is 'name' or 'org/name')")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path.resolve()} holds no config.json: not a Hugging Face model folder")
     if path.is_dir():
         from transformers import AutoConfig
 
@@ -81,6 +85,14 @@ def model_provenance(name_or_path: str, revision: str | None = None, *, trust_re
     cfg = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     out["resolved_revision"] = getattr(cfg, "_commit_hash", None)
     return out
+
+
+def _looks_like_path(name: str) -> bool:
+    """A folder the user meant, not a hub id: an explicit path, more parts than 'org/name', or a first part
+    that is a folder here (`examples/tiny-model` with a typo)."""
+    if name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1:
+        return True
+    return "/" in name and Path(name.split("/", 1)[0]).is_dir()
 
 
 def model_identity(provenance: dict) -> dict:

@@ -74,3 +74,45 @@ def test_a_column_the_job_works_with_is_refused_before_any_model_work(tmp_path, 
     assert f"{tmp_path / 'in.parquet'}: column '{column}' is one crossrank writes" in capsys.readouterr().err
     assert main(job_args(tmp_path / "ok.parquet", tmp_path / "out", "/nonexistent-model")) == 2
     assert "cannot load model" in capsys.readouterr().err  # past the input checks: `_row` is the user's own
+
+
+# ---- usage mistakes: one line naming the problem, exit 2, nothing written -----------------------------------
+
+def test_usage_mistakes_are_one_line_errors_before_ray(tmp_path, capsys, monkeypatch, tiny_bert):
+    from jobs.rerank import main
+
+    inp = _touch(tmp_path / "in.parquet")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "data.csv").write_text("query_id,query,doc_id,doc\n1,a,2,b\n")
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (job_args(inp, tmp_path / "a-file", tiny_bert), f"--output {tmp_path / 'a-file'} is a file"),
+        (job_args(tmp_path / "data.csv", tmp_path / "out", tiny_bert), "data.csv: not a Parquet file"),
+        (job_args(inp, tmp_path / "out", "models/tiny-bret"), f"no model folder at {tmp_path / 'models/tiny-bret'}"),
+        (job_args(inp, tmp_path / "out", "./tiny-bret"), "no model folder at"),
+        (job_args(inp, tmp_path / "out", "not-a-model"), "holds no config.json: not a Hugging Face model folder"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+        assert len(err.strip().splitlines()) <= 2, err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        main(job_args(inp, tmp_path / "out", tiny_bert, "--max-shard-retries", "-1"))
+    assert "must be a whole number >= 0" in capsys.readouterr().err
+
+
+def test_settings_no_actor_can_run_stop_the_job_in_one_line(ray_local, tiny_bert, tmp_path, capsys):
+    """fp16 on actors that run on CPU (the test cluster's GPUs are logical): the reason, not a Ray traceback."""
+    from jobs.rerank import main
+
+    inp = _touch(tmp_path / "in.parquet")
+    assert main(job_args(inp, tmp_path / "out", tiny_bert, "--dtype", "float16")) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last == "error: actor failed to start: ValueError: float16 on CPU is slow and inexact; use float32 or " \
+                   "bfloat16 there", err
+    assert not list((tmp_path / "out").glob("scores/*.parquet"))

@@ -164,8 +164,8 @@ def test_changed_input_refused_without_overwrite(ray_local, tiny_bert, shortlist
     out = tmp_path / "out"
     base = ["--output", str(out), "--model", str(tiny_bert), "--no-report", "--quiet"]
     assert _run(["--input", str(shortlist_dir / "part1.parquet"), *base], capsys)[0] == 0
-    with pytest.raises(SystemExit, match="different inputs"):
-        main(["--input", str(shortlist_dir / "part2.parquet"), *base])
+    code, err = _run(["--input", str(shortlist_dir / "part2.parquet"), *base], capsys)
+    assert code == 2 and "error: " in err and "different inputs" in err, err
     assert _run(["--input", str(shortlist_dir / "part2.parquet"), "--overwrite", *base], capsys)[0] == 0
 
 
@@ -219,5 +219,6 @@ def test_dedupe_docs_collapses_identical_passages_across_files(ray_local, tiny_b
     short = pl.read_parquet(out / "shortlists" / "*.parquet").row(0, named=True)
     assert sorted(short["doc_ids"]) == ["b", "c", "d"]
     assert json.loads((out / "manifest.json").read_text())["totals"]["docs_collapsed"] == 1
-    with pytest.raises(SystemExit, match="other settings"):  # resuming without the flag would mix semantics
-        main(["--input", str(inp), "--output", str(out), "--model", str(tiny_bert), "--no-report", "--quiet"])
+    code, err = _run(["--input", str(inp), "--output", str(out), "--model", str(tiny_bert), "--no-report", "--quiet"],
+                     capsys)
+    assert code == 2 and "other settings: dedupe_docs" in err, err  # resuming without the flag would mix semantics

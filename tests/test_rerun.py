@@ -4,6 +4,7 @@ column mapping is a setting, a new --top-k recuts the shortlists, counts survive
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pyarrow as pa
@@ -55,10 +56,10 @@ def test_a_model_is_known_by_its_files_and_columns_are_settings(ray_local, tiny_
     _uncommit(out, shards[0])
     shutil.rmtree(model)
     shutil.copytree(make_tiny_model(tmp_path / "other", "bert", seed=1), model)
-    with pytest.raises(SystemExit, match=r"other settings: model: \{.*weights_sha256"):
-        main(job_args(inp, out, model, "--doc-col", "passage"))
-    with pytest.raises(SystemExit, match=r"other settings: columns: .*\"passage\".* then, .*\"passage_clean\""):
-        main(job_args(inp, out, "elsewhere/same", "--doc-col", "passage_clean"))
+    code, err = _run(job_args(inp, out, model, "--doc-col", "passage"), capsys)
+    assert code == 2 and re.search(r"other settings: model: .*weights_sha256 \w{12} then, \w{12} now\.", err), err
+    code, err = _run(job_args(inp, out, "elsewhere/same", "--doc-col", "passage_clean"), capsys)
+    assert code == 2 and re.search(r"other settings: columns: .*\"passage\".* then, .*\"passage_clean\"", err), err
     code, err = _run(job_args(inp, out, "elsewhere/same", "--doc-col", "passage"), capsys)
     assert code == 0, err  # the original model and mapping finish the job
 
