@@ -114,22 +114,23 @@ def _finalize(spec: dict, plan, layout: OutputLayout, top_k: int | None) -> tupl
     """Rank every bucket of queries, then write each shard's final file: Ray tasks, which scale with the
     cluster, or the driver itself for a small job. Returns the passages collapsed and where it ran."""
     names = {s.seq: s.name for s in plan.shards}
+    act = spec["engine"].get("activation", "identity")  # applied to the final files; actors score logits
     by_bucket: dict[int, list[str]] = {}
     key_files = layout.key_files()
     for s in plan.shards:
         for bucket, loc in key_files.get(s.name, {}).items():
             by_bucket.setdefault(bucket, []).append(loc.uri)
     if plan.total_rows <= LOCAL_RANK_ROWS:
-        ranked = [rank_bucket(spec["output"], b, by_bucket.get(b, []), names, top_k) for b in range(plan.buckets)]
+        ranked = [rank_bucket(spec["output"], b, by_bucket.get(b, []), names, top_k, act) for b in range(plan.buckets)]
         for s in plan.shards:
-            finish_shard(spec["output"], s.name)
+            finish_shard(spec["output"], s.name, act)
         where = "driver"
     else:
         rank = ray.remote(num_cpus=1, max_retries=2)(rank_bucket)
         finish = ray.remote(num_cpus=1, max_retries=2)(finish_shard)
-        ranked = ray.get([rank.remote(spec["output"], b, by_bucket.get(b, []), names, top_k)
+        ranked = ray.get([rank.remote(spec["output"], b, by_bucket.get(b, []), names, top_k, act)
                           for b in range(plan.buckets)])
-        ray.get([finish.remote(spec["output"], s.name) for s in plan.shards])
+        ray.get([finish.remote(spec["output"], s.name, act) for s in plan.shards])
         where = "ray tasks"
     return sum(r.get("docs_collapsed", 0) for r in ranked), where
 

@@ -36,11 +36,11 @@ def collapse_duplicates(df: pl.DataFrame) -> pl.DataFrame:
     ranked id is kept (and lists the others in duplicate_doc_ids); the others name it in duplicate_of and
     are ranked after every kept passage, never dropped."""
     df = df.sort([QUERY_ID, FIRST_STAGE_RANK, DOC_ID, SEQ])
-    df = df.with_columns(
-        pl.col(DOC_ID).first().over([QUERY_ID, DOC_HASH]).alias("_kept_id"),
-        (pl.int_range(pl.len()).over([QUERY_ID, DOC_HASH]) > 0).alias("_is_dup"))
+    kept = pl.col(DOC_ID).first().over([QUERY_ID, DOC_HASH])
+    # Rows repeating the kept id itself are duplicate (query_id, doc_id) rows, which stay side by side.
+    df = df.with_columns(kept.alias("_kept_id"), (pl.col(DOC_ID) != kept).alias("_is_dup"))
     others = (df.filter(pl.col("_is_dup")).group_by([QUERY_ID, DOC_HASH], maintain_order=True)
-              .agg(pl.col(DOC_ID).alias(DUPLICATE_DOC_IDS)))
+              .agg(pl.col(DOC_ID).unique(maintain_order=True).alias(DUPLICATE_DOC_IDS)))
     df = df.join(others, on=[QUERY_ID, DOC_HASH], how="left", maintain_order="left")
     return df.with_columns(
         pl.when(pl.col("_is_dup")).then(pl.col("_kept_id")).otherwise(None).alias(DUPLICATE_OF),
@@ -50,18 +50,29 @@ def collapse_duplicates(df: pl.DataFrame) -> pl.DataFrame:
 
 def rerank_positions(df: pl.DataFrame) -> pl.DataFrame:
     """Position 1 = best: rescored rows by score (desc), ties by first-stage rank, then doc_id, then input
-    order; rows below --rerank-depth (score null) after them in first-stage order; collapsed duplicates
-    (--dedupe-docs) after all of those. A NaN score sorts last."""
+    order; rows below --rerank-depth (score null) after them in first-stage order; a NaN score after those;
+    collapsed duplicates (--dedupe-docs) after all of those."""
     dup = pl.col("_is_dup") if "_is_dup" in df.columns else pl.lit(False)
-    df = df.with_columns(pl.col(SCORE).fill_nan(None).alias("_sort_score"), dup.alias("_sort_dup"))
-    df = df.sort([QUERY_ID, "_sort_dup", "_sort_score", FIRST_STAGE_RANK, DOC_ID, SEQ],
-                 descending=[False, False, True, False, False, False], nulls_last=True)
+    df = df.with_columns(pl.col(SCORE).fill_nan(None).alias("_sort_score"), dup.alias("_sort_dup"),
+                         pl.col(SCORE).is_nan().fill_null(False).alias("_sort_nan"))
+    df = df.sort([QUERY_ID, "_sort_dup", "_sort_nan", "_sort_score", FIRST_STAGE_RANK, DOC_ID, SEQ],
+                 descending=[False, False, False, True, False, False, False], nulls_last=True)
     df = df.with_columns((pl.int_range(pl.len()).over(QUERY_ID) + 1).cast(pl.Int32).alias(RERANK_POSITION))
-    return df.drop("_sort_score", "_sort_dup")
+    return df.drop("_sort_score", "_sort_dup", "_sort_nan")
 
 
-def shortlists(df: pl.DataFrame, top_k: int) -> pl.DataFrame:
+def activated(activation: str) -> pl.Expr:
+    """The `score` column a user sees. Positions come from the raw logits: a float32 sigmoid is exactly 1.0
+    above a logit of ~16.6, which would tie passages the model told apart (the order is the same otherwise)."""
+    score = pl.col(SCORE)
+    if activation == "sigmoid":
+        score = (1.0 / (1.0 + (-score.cast(pl.Float64)).exp())).cast(pl.Float32)
+    return score.alias(SCORE)
+
+
+def shortlists(df: pl.DataFrame, top_k: int, activation: str = "identity") -> pl.DataFrame:
     """One row per query: ids, scores and first-stage ranks in reranked order, cut at top_k."""
+    df = df.with_columns(activated(activation))
     if "_is_dup" in df.columns:
         df = df.filter(~pl.col("_is_dup"))
     top = df.filter(pl.col(RERANK_POSITION) <= top_k).sort([QUERY_ID, RERANK_POSITION])
@@ -71,7 +82,8 @@ def shortlists(df: pl.DataFrame, top_k: int) -> pl.DataFrame:
         pl.col(FIRST_STAGE_RANK).alias("first_stage_ranks"), pl.col(RESCORED).alias("rescored"), *extra)
 
 
-def rank_bucket(output: str, bucket: int, key_files: list[str], shard_by_seq: dict[int, str], top_k: int | None) -> dict:
+def rank_bucket(output: str, bucket: int, key_files: list[str], shard_by_seq: dict[int, str], top_k: int | None,
+                activation: str = "identity") -> dict:
     layout = OutputLayout(locate(output))
     done = layout.bucket_done(bucket)
     if exists(done):
@@ -100,19 +112,22 @@ def rank_bucket(output: str, bucket: int, key_files: list[str], shard_by_seq: di
              for (seq,), part in df.group_by("_shard_seq")]
     parallel(lambda p: write_parquet(p[1], layout.positions(p[0], bucket)), parts)
     if top_k:
-        write_parquet(shortlists(df, top_k).to_arrow(), layout.shortlist(bucket))
+        write_parquet(shortlists(df, top_k, activation).to_arrow(), layout.shortlist(bucket))
     collapsed = int(df["_is_dup"].sum()) if "_is_dup" in df.columns else 0
     marker = {"bucket": bucket, "rows": df.height, "docs_collapsed": collapsed, "top_k": top_k}
     write_json(marker, done)  # the bucket's commit, last
     return marker
 
 
-def finish_shard(output: str, shard: str) -> dict:
+def finish_shard(output: str, shard: str, activation: str = "identity") -> dict:
     layout = OutputLayout(locate(output))
     final = layout.scores(shard)
     if exists(final):
         return {"shard": shard, "skipped": True}
-    scored = read_parquet(layout.scored(shard))
+    scored = read_parquet(layout.scored(shard))  # scores as logits: the activation is applied here, last
+    if activation != "identity":
+        sig = pl.from_arrow(scored.select([SCORE])).select(activated(activation)).to_arrow()[SCORE]
+        scored = scored.set_column(scored.column_names.index(SCORE), SCORE, sig)
     parts = parallel(read_parquet, [layout.positions_dir(shard).child(n) for n in list_dir(layout.positions_dir(shard))])
     n = scored.num_rows
     if parts:

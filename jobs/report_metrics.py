@@ -8,7 +8,9 @@ buckets is one row per query plus small histograms. Passage text is read only fo
 Definitions (also shown in the report):
 - Positions. first-stage position = `first_stage_rank` renumbered 1..n within the query (ties by doc_id);
   reranked position = `rerank_position` renumbered the same way. Both equal the stored columns when those
-  are already 1..n, which is what the rerank job writes.
+  are already 1..n, which is what the rerank job writes. The metrics use positions; columns named
+  `*_first_stage_rank` and the depth share report the stored rank (given ranks may have gaps), which is
+  what `--rerank-depth` filters on. Collapsed copies (`--dedupe-docs`, `duplicate_of` set) are left out.
 - Shift = first-stage position - reranked position (positive = moved up).
 - Kendall tau-b between the two orders, per query. Positions have no ties, so tau-b = tau-a =
   (concordant - discordant) / (n(n-1)/2). Null for single-candidate queries, which are left out of means.
@@ -56,7 +58,8 @@ def prepare(df: pl.DataFrame, has_label: bool, has_rescored: bool) -> pl.DataFra
     )
     ordinal = lambda col: (pl.struct(pl.col(col).cast(pl.Int64).fill_null(big), DOC)  # noqa: E731
                            .rank("ordinal").over("qc").cast(pl.Int32))
-    df = df.with_columns(fs_pos=ordinal("first_stage_rank"), rr_pos=ordinal("rerank_position"))
+    df = df.with_columns(fs_pos=ordinal("first_stage_rank"), rr_pos=ordinal("rerank_position"),
+                         fs_rank=pl.col("first_stage_rank").cast(pl.Int32))  # as stored: what depth filters on
     df = df.with_columns(shift=pl.col("fs_pos") - pl.col("rr_pos"))
     if has_label:
         lab = pl.col("label").cast(pl.Float64).fill_null(0.0).clip(lower_bound=0.0)
@@ -77,7 +80,7 @@ def per_query(df: pl.DataFrame, has_label: bool) -> pl.DataFrame:
         pl.col("rescored").sum().cast(pl.Int32).alias("n_rescored"),
         pl.col(DOC).filter(fs == 1).first().alias("first_stage_winner"),
         pl.col(DOC).filter(rr == 1).first().alias("new_winner"),
-        fs.filter(rr == 1).first().cast(pl.Int32).alias("new_winner_first_stage_rank"),
+        pl.col("fs_rank").filter(rr == 1).first().alias("new_winner_first_stage_rank"),
         pl.col("shift").abs().mean().alias("mean_abs_shift"),
         pl.col("shift").max().clip(lower_bound=0).cast(pl.Int32).alias("max_promotion"),
         (-pl.col("shift")).max().clip(lower_bound=0).cast(pl.Int32).alias("max_demotion"),
@@ -87,10 +90,10 @@ def per_query(df: pl.DataFrame, has_label: bool) -> pl.DataFrame:
     by_up, by_down = [-pl.col("shift"), fs], [pl.col("shift"), fs]
     aggs += [
         pl.when(up).then(pl.col(DOC).sort_by(by_up).first()).alias("most_promoted_doc_id"),
-        pl.when(up).then(fs.sort_by(by_up).first()).cast(pl.Int32).alias("most_promoted_first_stage_rank"),
+        pl.when(up).then(pl.col("fs_rank").sort_by(by_up).first()).alias("most_promoted_first_stage_rank"),
         pl.when(up).then(rr.sort_by(by_up).first()).cast(pl.Int32).alias("most_promoted_rerank_position"),
         pl.when(down).then(pl.col(DOC).sort_by(by_down).first()).alias("most_demoted_doc_id"),
-        pl.when(down).then(fs.sort_by(by_down).first()).cast(pl.Int32).alias("most_demoted_first_stage_rank"),
+        pl.when(down).then(pl.col("fs_rank").sort_by(by_down).first()).alias("most_demoted_first_stage_rank"),
         pl.when(down).then(rr.sort_by(by_down).first()).cast(pl.Int32).alias("most_demoted_rerank_position"),
         ((pl.col("rerank_position").n_unique() != pl.len()) | (pl.col("rerank_position").min() != 1)
          | (pl.col("rerank_position").max() != pl.len())).alias("rerank_position_inconsistent"),
@@ -177,7 +180,7 @@ def kendall_tau(df: pl.DataFrame, key: str = "qc") -> pl.DataFrame:
 def misordered_pairs(df: pl.DataFrame) -> pl.DataFrame:
     """Pairs (R, X): relevant doc R that reranking moved down, and a doc X with a lower label that was below
     R in first-stage order and is above it now."""
-    cols = ["qc", Q, DOC, "label", "fs_pos", "rr_pos", "score"]
+    cols = ["qc", Q, DOC, "label", "fs_pos", "rr_pos", "score", "fs_rank"]
     rel = df.lazy().filter((pl.col("label") > 0) & (pl.col("rr_pos") > pl.col("fs_pos"))).select(cols)
     other = df.lazy().select(c for c in cols if c != Q)
     return (rel.join(other, on="qc", suffix="_above")
@@ -232,10 +235,10 @@ def finish_review(cands: list[pl.DataFrame | None], staged, limit: int) -> pl.Da
     top = top.with_row_index("rank", offset=1).select(
         "rank", Q, "query", "ndcg@10_before", "ndcg@10_after", "ndcg@10_delta",
         pl.col(DOC).alias("demoted_doc_id"), pl.col("doc").alias("demoted_doc"),
-        pl.col("label").alias("demoted_label"), pl.col("fs_pos").alias("demoted_first_stage_rank"),
+        pl.col("label").alias("demoted_label"), pl.col("fs_rank").alias("demoted_first_stage_rank"),
         pl.col("rr_pos").alias("demoted_rerank_position"), pl.col("score").alias("demoted_score"),
         pl.col("doc_id_above").alias("above_doc_id"), pl.col("doc_above").alias("above_doc"),
-        pl.col("label_above").alias("above_label"), pl.col("fs_pos_above").alias("above_first_stage_rank"),
+        pl.col("label_above").alias("above_label"), pl.col("fs_rank_above").alias("above_first_stage_rank"),
         pl.col("rr_pos_above").alias("above_rerank_position"), pl.col("score_above").alias("above_score"),
     )
     return top.cast(out_schema)

@@ -24,6 +24,7 @@ from jobs.storage import Location, exists, list_files, parallel
 
 FILE, ROW = "_file", "_row"  # where a staged row came from: index into StagedScores.files, row in that file
 TEXT = ("query", "doc")
+DUPLICATE_OF = "duplicate_of"  # schemas.contract.DUPLICATE_OF
 OPTIONAL = ("rescored", "label")
 STAGE_THREADS = 8  # files read at once: each holds its small columns in memory (~20 MB per 500k rows)
 
@@ -193,13 +194,18 @@ def stage(out: Location, folder: Path, rows_per_bucket: int | None = None) -> St
     columns = metric_columns(has_rescored, has_label)
 
     def stage_file(i: int) -> tuple[pl.Schema, dict]:
+        # --dedupe-docs: a collapsed copy is the kept passage again, ranked last by design; it is left out of
+        # the metrics, which would otherwise count it as the reranker demoting a relevant passage.
+        dup = [DUPLICATE_OF] if DUPLICATE_OF in footers[i][1].names else []
         try:
             with files[i].fs.open_input_file(files[i].path) as f:
-                df = pl.from_arrow(pq.read_table(f, columns=columns))
+                df = pl.from_arrow(pq.read_table(f, columns=columns + dup))
         except (OSError, pa.ArrowException) as e:
-            raise rm.ScoresMissingError(f"{files[i].uri}: cannot read columns {columns}: {e}") from e
+            raise rm.ScoresMissingError(f"{files[i].uri}: cannot read columns {columns + dup}: {e}") from e
         df = _widen(df).with_columns(pl.lit(i, pl.UInt32).alias(FILE),
-                                     pl.int_range(pl.len(), dtype=pl.UInt32).alias(ROW))
+                                     pl.int_range(pl.len(), dtype=pl.UInt32).alias(ROW))  # before any filter
+        if dup:
+            df = df.filter(pl.col(DUPLICATE_OF).is_null()).drop(DUPLICATE_OF)
         bucket = (pl.col(rm.Q).hash(seed=17) % n_buckets).alias("_bucket")
         for (b,), part in df.with_columns(bucket).partition_by("_bucket", as_dict=True).items():
             target = folder / f"b{b:05d}" / f"f{i:06d}.parquet"

@@ -51,7 +51,10 @@ class ShardWorker:
 
         self.spec = spec
         t0 = time.perf_counter()
-        self.engine = engine or Engine.from_pretrained(model_source(spec), EngineConfig(**spec["engine"]),
+        # Logits, whatever --activation says: positions come from them, and the activation is applied when the
+        # final files are written (jobs.finalize.activated).
+        settings = EngineConfig(**{**spec["engine"], "activation": "identity"})
+        self.engine = engine or Engine.from_pretrained(model_source(spec), settings,
                                                        revision=spec.get("revision"),
                                                        trust_remote_code=spec.get("trust_remote_code", False))
         # What this process actually loaded, for the driver to hold against what it checked: a node with

@@ -278,15 +278,32 @@ def test_buckets_give_the_same_answer(hand_out: Path, monkeypatch: pytest.Monkey
 
 
 def test_rank_gaps_are_renumbered(tmp_path: Path) -> None:
-    # carried first-stage ranks with gaps (1, 5, 9) read as positions 1, 2, 3
+    # carried first-stage ranks with gaps (1, 5, 9) read as positions 1, 2, 3 for the metrics; columns named
+    # *_first_stage_rank and the depth flag keep the stored rank, which --rerank-depth filters on (the new
+    # winner, stored rank 5, did come from first-stage rank >= 4; it once read 2 and "not deep")
     rows = pl.DataFrame({"query_id": ["q"] * 3, "doc_id": ["a", "b", "c"], "first_stage_rank": [1, 5, 9],
                          "rerank_position": [2, 1, 3], "score": [0.1, 0.9, -0.3], "rescored": [True] * 3,
                          "label": [0, 1, 0]})
     out = _write_out(tmp_path / "g", rows, pl.col("doc_id") == "a")
     s = write_report(str(out), quiet=True)
     q = _per_query(out)["q"]
-    assert q["new_winner_first_stage_rank"] == 2 and q["kendall_tau"] == pytest.approx(1 / 3)
+    assert q["new_winner_first_stage_rank"] == 5 and q["top1_from_deep"] and q["kendall_tau"] == pytest.approx(1 / 3)
+    assert (q["most_promoted_first_stage_rank"], q["most_demoted_first_stage_rank"]) == (5, 1)
     assert s["ndcg@1_before"] == 0.0 and s["ndcg@1_after"] == 1.0
+
+
+def test_collapsed_duplicates_are_left_out(tmp_path: Path) -> None:
+    """--dedupe-docs ranks a passage's copies last by design; counted, the copy of a relevant passage read as
+    the reranker demoting it (nDCG@10 1.0 -> 0.61 on a query the model ranked perfectly)."""
+    rows = pl.DataFrame({"query_id": ["q"] * 4, "doc_id": ["a", "a2", "b", "c"], "first_stage_rank": [1, 2, 3, 4],
+                         "rerank_position": [1, 4, 2, 3], "score": [2.0, None, 1.0, 0.5],
+                         "rescored": [True] * 4, "label": [1, 1, 0, 0],
+                         "duplicate_of": [None, "a", None, None]})
+    out = _write_out(tmp_path / "d", rows, pl.col("doc_id") == "a")
+    s = write_report(str(out), quiet=True)
+    q = _per_query(out)["q"]
+    assert q["n_candidates"] == 3 and q["outcome"] == "unchanged" and q["new_misordered_pairs"] == 0
+    assert s["ndcg@10_before"] == s["ndcg@10_after"] == 1.0
 
 
 def test_without_labels(tmp_path: Path) -> None:
