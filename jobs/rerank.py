@@ -175,9 +175,11 @@ def check_engine_choice(args: argparse.Namespace) -> None:
             f"--engine packed does not support model_type {config.model_type!r}; use --engine auto or padded")
 
 
-def _model_hint(model: str, error: Exception) -> str:
-    if isinstance(error, (FileNotFoundError, NotADirectoryError)) or "packed" in str(error):
-        return ""
+def _model_hint(error: Exception) -> str:
+    from kernels.packed import UnsupportedArchitecture
+
+    if isinstance(error, (FileNotFoundError, NotADirectoryError, UnsupportedArchitecture)):
+        return ""  # the message says it all
     return ("\n  a hub id needs network access or the model in the local Hugging Face cache (HF_HUB_OFFLINE=1 "
             "reads the cache without retrying); a local folder must hold config.json and *.safetensors")
 
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         provenance = model_provenance(args.model, args.revision, trust_remote_code=args.trust_remote_code)
         check_engine_choice(args)
     except Exception as e:
-        print(f"error: cannot load model {args.model!r}: {type(e).__name__}: {e}{_model_hint(args.model, e)}",
+        print(f"error: cannot load model {args.model!r}: {type(e).__name__}: {e}{_model_hint(e)}",
               file=sys.stderr)
         return 2
     layout = OutputLayout(out)

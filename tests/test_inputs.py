@@ -86,8 +86,18 @@ def test_usage_mistakes_are_one_line_errors_before_ray(tmp_path, capsys, monkeyp
     (tmp_path / "not-a-model").mkdir()
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "data.csv").write_text("query_id,query,doc_id,doc\n1,a,2,b\n")
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+
+    distil = tmp_path / "tiny-distilbert"  # a real classifier the packed engine does not cover
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    DistilBertForSequenceClassification(DistilBertConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2,
+                                                         hidden_dim=64, num_labels=1)).save_pretrained(distil)
+    tok.save_pretrained(distil)
+    capsys.readouterr()  # the save's progress bar
     monkeypatch.chdir(tmp_path)
     cases = [
+        (job_args(inp, tmp_path / "out", distil, "--engine", "packed"),
+         "--engine packed does not support model_type 'distilbert'; use --engine auto or padded"),
         (job_args(inp, tmp_path / "a-file", tiny_bert), f"--output {tmp_path / 'a-file'} is a file"),
         (job_args(tmp_path / "data.csv", tmp_path / "out", tiny_bert), "data.csv: not a Parquet file"),
         (job_args(inp, tmp_path / "out", "models/tiny-bret"), f"no model folder at {tmp_path / 'models/tiny-bret'}"),
