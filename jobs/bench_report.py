@@ -231,7 +231,8 @@ def plot_throughput(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
             anchors = [r for r in mine if r["kind"] == "anchor" and r["mix"] == mix]
             series: dict[str, list] = {}
             for r in eng:
-                key = f"{r['engine']} {r['dtype']} {'compiled' if r['compiled'] else 'eager'}" + (
+                mode = f"+{r['compile_mode']}" if r["compiled"] and r.get("compile_mode") else ""
+                key = f"{r['engine']} {r['dtype']} {'compiled' if r['compiled'] else 'eager'}{mode}" + (
                     "" if r["bucketing"] in (None, True) else " no-bucketing")
                 series.setdefault(key, []).append((r["max_batch_tokens"], r["pairs_per_s"]))
             fig, ax = plt.subplots(figsize=(7.5, 4.8))

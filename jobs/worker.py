@@ -51,15 +51,18 @@ class ShardWorker:
 
         self.spec = spec
         t0 = time.perf_counter()
-        # Logits, whatever --activation says: positions come from them, and the activation is applied when the
-        # final files are written (jobs.finalize.activated).
-        settings = EngineConfig(**{**spec["engine"], "activation": "identity"})
-        self.engine = engine or Engine.from_pretrained(model_source(spec), settings,
-                                                       revision=spec.get("revision"),
-                                                       trust_remote_code=spec.get("trust_remote_code", False))
-        # What this process actually loaded, for the driver to hold against what it checked: a node with
-        # another copy under the same path, or a folder changed since, must not score into the same output.
-        self.model_identity = _loaded_identity(spec, self.engine) if engine is None else None
+        self.model_identity = None
+        if engine is None:
+            # Logits, whatever --activation says: positions come from them, and the activation is applied when
+            # the final files are written (jobs.finalize.activated).
+            settings = EngineConfig(**{**spec["engine"], "activation": "identity"})
+            self.engine = Engine.from_pretrained(model_source(spec), settings, revision=spec.get("revision"),
+                                                 trust_remote_code=spec.get("trust_remote_code", False))
+            # What this process actually loaded, for the driver to hold against what it checked: a node with
+            # another copy under the same path, or a folder changed since, must not score into the same output.
+            self.model_identity = _loaded_identity(spec, self.engine)
+        else:
+            self.engine = engine
         self.load_s = time.perf_counter() - t0
         self.warmup_s = self.engine.warmup() if self.engine.compiled and engine is None else 0.0
         self.cols = ColumnMap(**spec["columns"])

@@ -54,7 +54,7 @@ def main() -> None:
     for name in args.engine:
         kind, _, variant = name.partition("-")
         eng = Engine.from_model(bundle.model, bundle.tokenizer, EngineConfig(
-            device=args.device, dtype=args.dtype, engine=kind, max_batch_tokens=args.budget,
+            device=args.device, dtype=args.dtype, engine=kind, max_batch_tokens=args.budget, max_length=bundle.max_length,
             compile=variant == "compiled"))
         eng.warmup()
         runners[name] = (lambda e: lambda: e.score(pairs.queries, pairs.docs)[0])(eng)

@@ -363,7 +363,8 @@ def summary(rows: list[dict]) -> str:
             worst = min(prec, key=lambda r: (r["spearman"] or 0))
             lines.append(f"{model} precision vs fp32: worst spearman {worst['spearman'] or 0:.4f} / top1 "
                          f"{worst['top1_agree']:.3f} ({worst['label']}); " + ", ".join(
-                             f"{r['label'].split(' eager')[0]} rel L2 {r['score_rel_l2'] or 0:.1e}" for r in prec))
+                             f"{r['label'].split(' eager')[0]} rel L2 {r['score_rel_l2'] or 0:.1e} "
+                             f"(centred {r.get('score_rel_l2_centered') or 0:.1e})" for r in prec))
     errors = [r for r in rows if r["status"] in ("error", "timeout")]
     skipped = [r for r in rows if r["status"] == "skipped"]
     lines.append(f"{len(rows)} rows: {len(rows) - len(errors) - len(skipped)} ok, {len(errors)} error/timeout, "

@@ -142,7 +142,7 @@ def test_process_dies_around_a_commit(ray_local, inputs, tiny_model, clean, tmp_
     import jobs.driver
 
     if committer == "cpu actor":  # this Ray has logical GPUs: ask for a CPU actor as a GPU-less cluster would
-        monkeypatch.setattr(jobs.driver, "actor_resources", lambda n: (1, {"num_gpus": 0, "num_cpus": 1}))
+        monkeypatch.setattr(jobs.driver, "actor_resources", lambda n, engine=None: (1, {"num_gpus": 0, "num_cpus": 1}))
     out = tmp_path / "out"
     victim = shard_names(inputs)[1]
     monkeypatch.setenv("CROSSRANK_FAULT_POINT", point)
