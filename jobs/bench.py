@@ -266,14 +266,6 @@ def _find_hf_model(module: torch.nn.Module):
     return None
 
 
-def _flash_attn_installed() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except Exception:  # absent, or a wheel built against another torch
-        return False
-    return True
-
-
 def make_cross_encoder(path: str, device: torch.device, dtype: str, max_length: int):
     """sentence-transformers' CrossEncoder on `path` in `dtype`, raw logits out (identity activation).
 
@@ -302,7 +294,9 @@ def make_cross_encoder(path: str, device: torch.device, dtype: str, max_length: 
     # dtype allows, so the engine is not measured against a slower anchor than users would run (the row's
     # `attention` and label say which one ran).
     ce = None
-    if device.type == "cuda" and dtype in ("float16", "bfloat16") and _flash_attn_installed():
+    from kernels.packed_attention import _flash_attn_varlen_qkvpacked  # None: flash-attn absent or unusable
+
+    if device.type == "cuda" and dtype in ("float16", "bfloat16") and _flash_attn_varlen_qkvpacked() is not None:
         try:
             ce = build({"attn_implementation": "flash_attention_2"})
         except (ValueError, ImportError, RuntimeError) as e:  # this model or build has no FA2 path

@@ -99,8 +99,9 @@ def rank_bucket(output: str, bucket: int, key_files: list[str], shard_by_seq: di
     # One small file per shard with rows in this bucket (thousands on a big job): read and written concurrently.
     tables = parallel(lambda u: read_parquet(locate(u)), key_files)
     if not tables:
-        write_json({"bucket": bucket, "rows": 0, "docs_collapsed": 0, "top_k": top_k}, done)
-        return {"bucket": bucket, "rows": 0}
+        marker = {"bucket": bucket, "rows": 0, "docs_collapsed": 0, "top_k": top_k}
+        write_json(marker, done)
+        return marker
     df = pl.from_arrow(pa.concat_tables(tables, promote_options="permissive"))
     df = first_stage_rank(df)
     if DOC_HASH in df.columns:

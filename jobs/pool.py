@@ -245,7 +245,7 @@ class ActorPool:
             if getattr(e, "actor_init_failed", False):
                 # A model that cannot load will not load on a fresh actor either: stop, say why (the actor's
                 # traceback is in its log above; the last line is the reason).
-                raise ActorStartError(f"actor failed to start: {_last_error_line(e)}") from e
+                raise ActorStartError(f"actor failed to start: {_short(e)}") from e
             # The process or its node died while the model loaded: start another, a bounded number of times.
             self.start_failures += 1
             if self.start_failures > self.target * (self.max_retries + 1):
@@ -282,14 +282,6 @@ def _short(e: Exception) -> str:
     cause = getattr(e, "cause", None) or e
     lines = "".join(traceback.format_exception_only(type(cause), cause)).strip().splitlines()
     return lines[-1] if lines else repr(cause)
-
-
-def _last_error_line(e: Exception) -> str:
-    """`SomeError: message`, the last such line of a remote traceback, else the whole text."""
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    errors = [l for l in lines if l.split(":", 1)[0].replace(".", "").isidentifier()
-              and l.split(":", 1)[0].endswith(("Error", "Exception", "Architecture"))]
-    return errors[-1] if errors else str(e)
 
 
 def _first_line(e: Exception) -> str:

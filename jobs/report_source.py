@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 
 from jobs import report_metrics as rm
 from jobs.storage import Location, exists, list_files, parallel
+from schemas.contract import DUPLICATE_OF
 
 FILE, ROW = "_file", "_row"  # where a staged row came from: index into StagedScores.files, row in that file
 TEXT = ("query", "doc")
-DUPLICATE_OF = "duplicate_of"  # schemas.contract.DUPLICATE_OF
 OPTIONAL = ("rescored", "label")
 STAGE_THREADS = 8  # files read at once: each holds its small columns in memory (~20 MB per 500k rows)
 

@@ -144,12 +144,13 @@ def prepare_output(layout: OutputLayout, plan, overwrite: bool, options: dict | 
             delete_file(old)
     elif exists(layout.plan):
         committed = layout.committed_shards()
-        plan.keep_buckets(read_json(layout.plan))
-        problem = plan.resume_problem(read_json(layout.plan), committed.__contains__)
+        earlier = read_json(layout.plan)  # one read: on an object store each is a round trip
+        plan.keep_buckets(earlier)
+        problem = plan.resume_problem(earlier, committed.__contains__)
         if problem:
             raise OutputConflict(f"{layout.root.uri} holds the output of different inputs or shard sizes "
                                  f"({problem}): pass --overwrite or use another --output")
-        previous = read_json(layout.plan).get("options")
+        previous = earlier.get("options")
         if options is not None and previous is not None and previous != options:
             changed = sorted(k for k in options if previous.get(k) != options[k])
             raise OutputConflict(f"{layout.root.uri} was written with other settings: "

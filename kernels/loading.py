@@ -76,7 +76,7 @@ def model_provenance(name_or_path: str, revision: str | None = None, *, trust_re
         out["model_path"] = str(path.resolve())
         out["weights_sha256"] = _hash_files(sorted(path.glob("*.safetensors")))
         out["tokenizer_sha256"] = _hash_files(sorted(p for p in path.glob("*") if "tok" in p.name or p.name == "vocab.txt"))
-        out["config_sha256"] = _hash_files([p for p in [path / "config.json"] if p.exists()])  # labels, act, ...
+        out["config_sha256"] = _hash_files([path / "config.json"])  # labels, activation, ... (checked above)
         out["resolved_revision"] = None
         return out
     from transformers import AutoConfig
