@@ -49,17 +49,18 @@ def commit_shard(spec: dict, shard: dict, attempt: int, stats: dict, output: dic
     scored, rejected = output["scored"], output["rejected"]
     t0 = time.perf_counter()
     write_parquet(rejected, layout.rejects(shard["name"]))
-    _write_keys(spec, layout, shard, scored)
+    key_buckets = _write_keys(spec, layout, shard, scored)
     maybe_fail(spec, shard, attempt, "before_commit")
-    stats = {**stats, "write_s": time.perf_counter() - t0, "committed_at": time.time()}
+    # key_buckets: which key files the ranking pass must find (the driver checks before it ranks)
+    stats = {**stats, "write_s": time.perf_counter() - t0, "committed_at": time.time(), "key_buckets": key_buckets}
     write_json(stats, layout.shard_stats(shard["name"]))
     write_parquet(scored, layout.scored(shard["name"]))
     maybe_fail(spec, shard, attempt, "after_commit")
     return stats
 
 
-def _write_keys(spec: dict, layout: OutputLayout, shard: dict, scored: pa.Table) -> None:
-    """The few columns the cross-shard ranking pass needs, split by query bucket."""
+def _write_keys(spec: dict, layout: OutputLayout, shard: dict, scored: pa.Table) -> list[int]:
+    """The few columns the cross-shard ranking pass needs, split by query bucket; returns the buckets."""
     names = [QUERY_ID, DOC_ID, SCORE, RESCORED] + [c for c in (FIRST_STAGE_SCORE, FIRST_STAGE_RANK, LABEL)
                                                   if c in scored.column_names]
     keys = scored.select(names + [ROW])
@@ -69,15 +70,22 @@ def _write_keys(spec: dict, layout: OutputLayout, shard: dict, scored: pa.Table)
     b = query_buckets(keys[QUERY_ID], spec["buckets"])
     # One file per bucket the shard has queries in (up to one per ~2M rows of the job), written concurrently:
     # on an object store each is a round trip.
-    files = [(int(bucket), layout.keys(shard["name"], int(bucket))) for bucket in np.unique(b)]
-    parallel(lambda f: write_parquet(keys.filter(pa.array(b == f[0])), f[1]), files)
-    written = {loc.path.rsplit("/", 1)[-1] for _, loc in files}
+    # One stable sort by bucket, then a slice per bucket (a filter per bucket scanned the shard once each:
+    # 3.3 s instead of 1.8 s for 500 buckets on 500,000 rows).
+    order = np.argsort(b, kind="stable")
+    keys, b = keys.take(pa.array(order)), b[order]
+    buckets, starts = np.unique(b, return_index=True)
+    ends = np.append(starts[1:], len(b))
+    files = [(int(k), layout.keys(shard["name"], int(k)), int(lo), int(hi)) for k, lo, hi in zip(buckets, starts, ends)]
+    parallel(lambda f: write_parquet(keys.slice(f[2], f[3] - f[2]), f[1]), files)
+    written = {f[1].path.rsplit("/", 1)[-1] for f in files}
     # An attempt over other content (a since-fixed input file) may have left keys for other buckets: they
     # go, after the new ones are in place (an attempt still running elsewhere writes the same files).
     keys_dir = layout.keys_dir(shard["name"])
     for name in list_dir(keys_dir):
         if name not in written:
             keys_dir.fs.delete_file(keys_dir.child(name).path)
+    return [f[0] for f in files]
 
 
 def maybe_fail(spec: dict, shard: dict, attempt: int, point: str) -> None:

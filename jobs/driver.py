@@ -12,9 +12,9 @@ import time
 import ray
 
 from jobs.finalize import finish_shard, rank_bucket
-from jobs.layout import OutputLayout
+from jobs.layout import SCORES, SHORTLISTS, WORK, DamagedWork, OutputLayout
 from jobs.pool import ActorPool, actor_resources
-from jobs.storage import delete_file, exists, read_json
+from jobs.storage import delete_dir, delete_file, exists, read_json
 
 # Below this many input rows the driver ranks in-process: measured on 20,000 pairs, ranking plus writing the
 # final files took 0.3 s of work but 1.8-3.0 s as Ray tasks (fresh worker processes importing polars).
@@ -30,7 +30,7 @@ def connect(address: str | None) -> None:
 
 
 def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> dict:
-    from jobs.rerank import write_stats
+    from jobs.rerank import read_shard_stats, write_stats
 
     t0 = time.perf_counter()
     connect(args.address)
@@ -63,7 +63,10 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
             failed = pool.run(pending, on_done)
             infos = pool.actor_info()
             engine_info = {**(infos[0] if infos else {}), "actors": n, "actor_resources": resources,
-                           "commits": "apart" if pool.commit_apart else "in the actor"}
+                           "commits": "apart" if pool.commit_apart else "in the actor",
+                           # Per actor: start-up cost, and whether its compiled graphs came from the node's cache
+                           "actor_starts": [{k: i.get(k) for k in ("actor", "load_s", "warmup_s", "compile_cache")}
+                                            for i in infos]}
             replaced, recovered = pool.replaced, pool.recovered
             first_ready = pool.first_ready
         finally:
@@ -76,9 +79,17 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
     score_s = score_end - score_t0
     actor_start_s = min(first_ready - score_t0_mono, score_s) if first_ready else 0.0  # reported apart
     fin_t0 = time.perf_counter()
-    collapsed, ranked_in = _finalize(spec, plan, layout, args.top_k) if not failed else (0, None)
+    shard_stats = read_shard_stats(layout, [s.name for s in plan.shards])
+    collapsed, ranked_in = 0, None
+    if not failed:
+        if pending:  # positions made before a shard was (re)scored are stale: rank again from its new keys
+            for old in (layout.root.child(WORK, "positions"), layout.root.child(SCORES), layout.root.child(SHORTLISTS)):
+                delete_dir(old)
+        key_files = layout.key_files()
+        _check_work(layout, plan, shard_stats, key_files)
+        collapsed, ranked_in = _finalize(spec, plan, layout, args.top_k, key_files)
     finalize_s = time.perf_counter() - fin_t0
-    stats = write_stats(layout, [s.name for s in plan.shards], failed)
+    stats = write_stats(layout, [s.name for s in plan.shards], failed, shard_stats)
     totals = _check_totals(plan, stats, failed)
     totals.update(wall_s=time.perf_counter() - t0, ray_start_s=ray_start_s, score_s=score_s,
                   actor_start_s=actor_start_s, score_after_ready_s=score_s - actor_start_s,
@@ -110,13 +121,31 @@ def _withdraw_rejects(layout: OutputLayout, failed: list[dict]) -> None:
             print(f"removed the rejects of failed shard {shard['shard']} (a rerun rewrites them)", file=sys.stderr)
 
 
-def _finalize(spec: dict, plan, layout: OutputLayout, top_k: int | None) -> tuple[int, str]:
+def _check_work(layout: OutputLayout, plan, shard_stats: dict[str, dict], key_files: dict) -> None:
+    """Before ranking: every shard left its stats and the key files they name. Work files deleted since (by
+    hand, by a storage lifecycle rule) would rank queries without some of their rows, or stop the job later
+    after final files were written; DamagedWork names the shard and how to redo it."""
+    for s in plan.shards:
+        st = shard_stats.get(s.name)
+        if st is None:
+            raise DamagedWork(layout, s.name, f"its stats {layout.shard_stats(s.name).uri} are missing")
+        have = set(key_files.get(s.name, {}))
+        if "key_buckets" not in st:  # committed before the buckets were recorded: some, if it has rows
+            if st["rows_scored"] and not have:
+                raise DamagedWork(layout, s.name, f"its key files under {layout.keys_dir(s.name).uri} are missing")
+            continue
+        missing = sorted(set(st["key_buckets"]) - have)
+        if missing:
+            raise DamagedWork(layout, s.name, "its key file(s) " + ", ".join(layout.keys(s.name, b).uri
+                                                                            for b in missing) + " are missing")
+
+
+def _finalize(spec: dict, plan, layout: OutputLayout, top_k: int | None, key_files: dict) -> tuple[int, str]:
     """Rank every bucket of queries, then write each shard's final file: Ray tasks, which scale with the
     cluster, or the driver itself for a small job. Returns the passages collapsed and where it ran."""
     names = {s.seq: s.name for s in plan.shards}
     act = spec["engine"].get("activation", "identity")  # applied to the final files; actors score logits
     by_bucket: dict[int, list[str]] = {}
-    key_files = layout.key_files()
     for s in plan.shards:
         for bucket, loc in key_files.get(s.name, {}).items():
             by_bucket.setdefault(bucket, []).append(loc.uri)

@@ -12,9 +12,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from jobs.layout import OutputLayout
+from jobs.layout import DamagedWork, OutputLayout
 from jobs.storage import (
-    delete_file, exists, list_dir, locate, parallel, read_json, read_parquet, write_json, write_parquet,
+    delete_file, exists, list_dir, locate, parallel, read_json, write_json, write_parquet,
 )
 from schemas.contract import (
     DOC_HASH, DOC_ID, DUPLICATE_DOC_IDS, DUPLICATE_OF, FIRST_STAGE_RANK, FIRST_STAGE_SCORE, QUERY_ID,
@@ -82,6 +82,10 @@ def shortlists(df: pl.DataFrame, top_k: int, activation: str = "identity") -> pl
         pl.col(FIRST_STAGE_RANK).alias("first_stage_ranks"), pl.col(RESCORED).alias("rescored"), *extra)
 
 
+def _shard_of(key_file: str) -> str:
+    return key_file.rstrip("/").rsplit("/", 2)[-2]  # .../_work/keys/<shard>/b<bucket>.parquet
+
+
 def rank_bucket(output: str, bucket: int, key_files: list[str], shard_by_seq: dict[int, str], top_k: int | None,
                 activation: str = "identity") -> dict:
     layout = OutputLayout(locate(output))
@@ -97,7 +101,7 @@ def rank_bucket(output: str, bucket: int, key_files: list[str], shard_by_seq: di
         if marker.get("top_k") == top_k:
             return {**marker, "skipped": True}
     # One small file per shard with rows in this bucket (thousands on a big job): read and written concurrently.
-    tables = parallel(lambda u: read_parquet(locate(u)), key_files)
+    tables = parallel(lambda u: layout.read_work(locate(u), _shard_of(u)), key_files)
     if not tables:
         marker = {"bucket": bucket, "rows": 0, "docs_collapsed": 0, "top_k": top_k}
         write_json(marker, done)
@@ -125,11 +129,12 @@ def finish_shard(output: str, shard: str, activation: str = "identity") -> dict:
     final = layout.scores(shard)
     if exists(final):
         return {"shard": shard, "skipped": True}
-    scored = read_parquet(layout.scored(shard))  # scores as logits: the activation is applied here, last
+    scored = layout.read_work(layout.scored(shard), shard)  # logits: the activation is applied here, last
     if activation != "identity":
         sig = pl.from_arrow(scored.select([SCORE])).select(activated(activation)).to_arrow()[SCORE]
         scored = scored.set_column(scored.column_names.index(SCORE), SCORE, sig)
-    parts = parallel(read_parquet, [layout.positions_dir(shard).child(n) for n in list_dir(layout.positions_dir(shard))])
+    parts = parallel(lambda loc: layout.read_work(loc, shard),
+                     [layout.positions_dir(shard).child(n) for n in list_dir(layout.positions_dir(shard))])
     n = scored.num_rows
     if parts:
         pos = pa.concat_tables(parts, promote_options="permissive")
@@ -138,8 +143,8 @@ def finish_shard(output: str, shard: str, activation: str = "identity") -> dict:
         pos = pa.table({ROW: pa.array([], pa.int64()), RERANK_POSITION: pa.array([], pa.int32()),
                         FIRST_STAGE_RANK: pa.array([], pa.int32())})
     if not np.array_equal(pos[ROW].to_numpy(), np.arange(n)):  # each row exactly once, or refuse to commit
-        raise AssertionError(f"shard {shard}: {n} scored rows but positions for rows "
-                             f"{pos[ROW].to_numpy()[:10].tolist()}... ({pos.num_rows} in all)")
+        raise DamagedWork(layout, shard, f"{n} scored rows but positions for rows "
+                                         f"{pos[ROW].to_numpy()[:10].tolist()}... ({pos.num_rows} in all)")
     out = scored.drop_columns([ROW])
     if FIRST_STAGE_RANK in out.column_names:
         out = out.set_column(out.column_names.index(FIRST_STAGE_RANK), FIRST_STAGE_RANK, pos[FIRST_STAGE_RANK])

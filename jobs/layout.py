@@ -1,12 +1,21 @@
 """Where everything lives under --output. One place, so the worker, finalizer and driver agree."""
 from __future__ import annotations
 
-from jobs.storage import Location, list_dir, list_files
+from jobs.storage import Location, list_dir, list_files, read_parquet
 
 SCORES = "scores"  # final rescored shards, one file per input shard
 REJECTS = "rejects"  # rows that could not be scored, with reject_reason
 SHORTLISTS = "shortlists"  # --top-k: one row per query
 WORK = "_work"  # intermediate state that makes reruns resume; safe to delete once the job succeeded
+
+
+class DamagedWork(RuntimeError):
+    """A committed shard's work files (OUT/_work) are missing or unreadable, e.g. deleted or truncated by hand.
+    The message names the file and the remedy: delete the shard's scored file, so a rerun scores it again."""
+
+    def __init__(self, layout: "OutputLayout", shard: str, what: str):
+        super().__init__(f"shard {shard}: {what}. Delete {layout.scored(shard).uri} and rerun the same command: "
+                         "the shard is scored again and the cross-shard ranking redone")
 
 
 class OutputLayout:
@@ -29,6 +38,13 @@ class OutputLayout:
     def shards_with_stats(self) -> set[str]:
         """Shards whose stats file exists, from one listing."""
         return {n.removesuffix(".json") for n in list_dir(self.shard_stats_dir)}
+
+    def read_work(self, loc: Location, shard: str):
+        """A work file of a committed shard, or DamagedWork naming it (a read error would name neither)."""
+        try:
+            return read_parquet(loc)
+        except Exception as e:
+            raise DamagedWork(self, shard, f"{loc.uri} cannot be read ({type(e).__name__}: {e})") from e
 
     def key_files(self) -> dict[str, dict[int, Location]]:
         """Each shard's key files by query bucket (those it has rows in), from one recursive listing."""

@@ -167,6 +167,8 @@ def write_report(out_dir: str | Path | Location, *, max_review: int = 20, quiet:
     Raises report_metrics.ScoresMissingError (a FileNotFoundError) when OUT/scores is missing or empty.
     """
     out = out_dir if isinstance(out_dir, Location) else locate(str(out_dir))
+    if scratch is not None:
+        Path(scratch).mkdir(parents=True, exist_ok=True)  # a named scratch folder need not exist yet
     with tempfile.TemporaryDirectory(prefix="crossrank-report-", dir=scratch) as tmp:
         staged, pq, metrics, review, shifts, hist = compute(out, tmp, max_review=max_review)
     manifest = read_manifest(out)

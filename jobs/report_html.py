@@ -59,14 +59,33 @@ def plot_scores(hist: pl.DataFrame) -> bytes:
     return _png(fig)
 
 
+MAX_SHIFT_BARS = 200
+
+
+def shift_bars(shifts: pl.DataFrame) -> tuple[list[float], list[int], list[int], int]:
+    """Bars of the shift histogram: (centres, counts, signs, values per bar). One bar per shift value while they
+    fit; past MAX_SHIFT_BARS (a query with 100,000 candidates has as many values: 73,000 bars took matplotlib
+    two minutes), bars of `step` values, with zero kept apart from either sign."""
+    if not shifts.height:
+        return [], [], [], 1
+    step = max(1, math.ceil(2 * int(shifts["shift"].abs().max()) / MAX_SHIFT_BARS))
+    v = pl.col("shift")
+    binned = (shifts.with_columns(b=pl.when(v > 0).then((v + step - 1) // step).otherwise(-((-v + step - 1) // step)))
+              .group_by("b").agg(pl.col("count").sum()).sort("b"))
+    b = binned["b"].to_list()
+    centres = [0 if k == 0 else k * step - (step - 1) / 2 * (1 if k > 0 else -1) for k in b]
+    return centres, binned["count"].to_list(), [(k > 0) - (k < 0) for k in b], step
+
+
 def plot_shifts(shifts: pl.DataFrame) -> bytes:
     fig = Figure(figsize=(6.4, 3.6))
     ax = fig.add_subplot()
-    if shifts.height:
-        x, y = shifts["shift"].to_list(), shifts["count"].to_list()
-        colors = ["#2e7d32" if v > 0 else "#c62828" if v < 0 else "#9e9e9e" for v in x]
-        ax.bar(x, y, width=0.85, color=colors)
-    ax.set_xlabel("shift = first-stage position - reranked position (positive = moved up)")
+    x, y, signs, step = shift_bars(shifts)
+    if x:
+        colors = ["#2e7d32" if k > 0 else "#c62828" if k < 0 else "#9e9e9e" for k in signs]
+        ax.bar(x, y, width=0.85 * step, color=colors)
+    ax.set_xlabel("shift = first-stage position - reranked position (positive = moved up)"
+                  + (f"; bars of {step}" if step > 1 else ""))
     ax.set_ylabel("rows")
     ax.set_title("Position shifts")
     return _png(fig)

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from jobs.report_pairs import kendall_tau, misordered
+
 KS = (1, 3, 10)
 MRR_K = 10
 DEEP_RANK = 4  # "the final top-1 came from first-stage rank >= 4": what a too-shallow depth would miss
@@ -136,8 +138,7 @@ def per_query(df: pl.DataFrame, has_label: bool) -> pl.DataFrame:
             .when(pl.col("ndcg@10_delta") < -EPS).then(pl.lit("down"))
             .when(pl.col("ndcg@10_delta").is_not_null()).then(pl.lit("unchanged"))
             .otherwise(pl.lit(None, dtype=pl.String)).alias("outcome"))
-        pairs = misordered_pairs(df)
-        counts = pairs.group_by("qc").agg(pl.len().cast(pl.Int32).alias("new_misordered_pairs"))
+        counts = misordered(df).group_by("qc").agg(pl.col("n_pairs").sum().alias("new_misordered_pairs"))
         pq = pq.join(counts, on="qc", how="left").with_columns(
             pl.when(pl.col("n_relevant") > 0).then(pl.col("new_misordered_pairs").fill_null(0))
             .alias("new_misordered_pairs"))
@@ -160,35 +161,6 @@ def per_query_columns(has_label: bool) -> list[str]:
     return cols
 
 
-def kendall_tau(df: pl.DataFrame, key: str = "qc") -> pl.DataFrame:
-    """Per-query Kendall tau-b between first-stage and reranked positions (no ties, so tau-b = tau-a).
-
-    Counts discordant pairs with a streaming self-join on the integer query code: O(n^2) pairs per query,
-    which for rerank shortlists (tens to a few hundred candidates) is cheap and never held all at once.
-    Returns `key`, kendall_tau for queries with 2+ candidates.
-    """
-    rows = df.lazy().select(key, "fs_pos", "rr_pos")
-    n = rows.group_by(key).agg(n_pairs=(pl.len().cast(pl.Float64) * (pl.len() - 1) / 2.0))
-    disc = (rows.join(rows, on=key, suffix="_2")
-            .filter((pl.col("fs_pos") < pl.col("fs_pos_2")) & (pl.col("rr_pos") > pl.col("rr_pos_2")))
-            .group_by(key).agg(discordant=pl.len()))
-    tau = (pl.col("n_pairs") - 2.0 * pl.col("discordant").fill_null(0)) / pl.col("n_pairs")
-    return (n.filter(pl.col("n_pairs") > 0).join(disc, on=key, how="left")
-            .select(key, tau.alias("kendall_tau")).collect(engine="streaming"))
-
-
-def misordered_pairs(df: pl.DataFrame) -> pl.DataFrame:
-    """Pairs (R, X): relevant doc R that reranking moved down, and a doc X with a lower label that was below
-    R in first-stage order and is above it now."""
-    cols = ["qc", Q, DOC, "label", "fs_pos", "rr_pos", "score", "fs_rank"]
-    rel = df.lazy().filter((pl.col("label") > 0) & (pl.col("rr_pos") > pl.col("fs_pos"))).select(cols)
-    other = df.lazy().select(c for c in cols if c != Q)
-    return (rel.join(other, on="qc", suffix="_above")
-            .filter((pl.col("fs_pos_above") > pl.col("fs_pos")) & (pl.col("rr_pos_above") < pl.col("rr_pos"))
-                    & (pl.col("label_above") < pl.col("label")))
-            .collect(engine="streaming"))
-
-
 REVIEW_ORDER = (["ndcg@10_delta", "label", "drop", Q], [False, True, True, False])
 
 
@@ -198,12 +170,17 @@ def review_candidates(df: pl.DataFrame, pq: pl.DataFrame, limit: int) -> pl.Data
     Within a query the worst pair is the relevant doc with the highest label, then the largest drop, and,
     above it, the highest-placed lower-label doc that overtook it.
     """
-    pairs = misordered_pairs(df)
-    if pairs.is_empty() or limit <= 0:
+    if limit <= 0:
         return None
-    pairs = pairs.with_columns(drop=(pl.col("rr_pos") - pl.col("fs_pos")).cast(pl.Int32))
-    worst = (pairs.sort(Q, "label", "drop", "rr_pos_above", "fs_pos", descending=[False, True, True, False, False])
+    demoted = misordered(df).filter(pl.col("n_pairs") > 0)
+    if demoted.is_empty():
+        return None
+    demoted = demoted.with_columns(drop=(pl.col("rr_pos") - pl.col("fs_pos")).cast(pl.Int32))
+    worst = (demoted.sort(Q, "label", "drop", "rr_pos_above", "fs_pos", descending=[False, True, True, False, False])
              .group_by(Q, maintain_order=True).first())
+    above = df.select("qc", pl.col("rr_pos").alias("rr_pos_above"),
+                      *[pl.col(c).alias(f"{c}_above") for c in (DOC, "label", "fs_pos", "score", "fs_rank")])
+    worst = worst.join(above, on=["qc", "rr_pos_above"], how="left")
     worst = worst.join(pq.select(Q, "ndcg@10_before", "ndcg@10_after", "ndcg@10_delta"), on=Q, how="left")
     by, desc = REVIEW_ORDER
     return worst.sort(by, descending=desc).head(limit)

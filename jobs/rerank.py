@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs import manifest as mf
-from jobs.layout import REJECTS, SCORES, SHORTLISTS, WORK, OutputLayout
+from jobs.layout import REJECTS, SCORES, SHORTLISTS, WORK, DamagedWork, OutputLayout
 from jobs.plan import make_plan
 from jobs.storage import (
     delete_dir, delete_file, exists, locate, parallel, read_json, remove_temporaries, write_json, write_parquet,
@@ -140,8 +140,7 @@ def prepare_output(layout: OutputLayout, plan, overwrite: bool, options: dict | 
     if overwrite:
         for sub in (SCORES, REJECTS, SHORTLISTS, WORK, "report"):
             delete_dir(layout.root.child(sub))
-        for old in (layout.manifest, layout.stats):  # an interrupted redo must not keep the last run's "complete"
-            delete_file(old)
+        delete_file(layout.stats)
     elif exists(layout.plan):
         committed = layout.committed_shards()
         earlier = read_json(layout.plan)  # one read: on an object store each is a round trip
@@ -156,6 +155,12 @@ def prepare_output(layout: OutputLayout, plan, overwrite: bool, options: dict | 
             raise OutputConflict(f"{layout.root.uri} was written with other settings: "
                                  + "; ".join(_setting_change(k, previous.get(k), options[k]) for k in changed)
                                  + ". Pass --overwrite or use another --output")
+    elif exists(layout.root) and layout.committed_shards():  # its plan.json lost: nothing to check them against
+        raise OutputConflict(f"{layout.root.uri} holds committed shards but no {layout.plan.uri} to check them "
+                             "against: pass --overwrite or use another --output")
+    # Until this run ends, the manifest says so: a resume may rewrite shortlists and final files, and an
+    # interrupted one must not leave the last run's "complete" beside them.
+    write_json({"status": "running", "started": mf.now(), "command": mf.command_line()}, layout.manifest)
     removed = remove_temporaries(layout.root) if exists(layout.root) else 0
     if removed:
         print(f"removed {removed} half-written file(s) left by an interrupted run", file=sys.stderr)
@@ -230,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     except ActorStartError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DamagedWork as e:  # raised in a Ray task, it comes wrapped: its cause holds the message
+        print(f"error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
+        return 1
     totals = result["totals"]
     manifest = {
         "status": "complete" if not result["failed"] else "incomplete",
@@ -259,11 +267,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_stats(layout: OutputLayout, shard_names: list[str], failed: list[dict]) -> pa.Table:
+def read_shard_stats(layout: OutputLayout, shard_names: list[str]) -> dict[str, dict]:
+    """The stats each shard's commit wrote, by shard, in `shard_names` order (from one listing, then
+    concurrent reads)."""
     written = layout.shards_with_stats()
-    rows = parallel(read_json, [layout.shard_stats(s) for s in shard_names if s in written])
+    names = [s for s in shard_names if s in written]
+    return dict(zip(names, parallel(read_json, [layout.shard_stats(s) for s in names])))
+
+
+def write_stats(layout: OutputLayout, shard_names: list[str], failed: list[dict],
+                rows: dict[str, dict] | None = None) -> pa.Table:
+    """OUT/stats.parquet: one row per shard; `rows` as read_shard_stats gives them (read here if not given)."""
+    rows = read_shard_stats(layout, shard_names) if rows is None else rows
     failed_names = {f["shard"] for f in failed}
-    rows = [r for r in rows if r["shard"] not in failed_names] + failed
+    rows = [r for r in rows.values() if r["shard"] not in failed_names] + failed
     table = pa.Table.from_pylist([{k: r.get(k) for k in STATS_SCHEMA.names} for r in rows], schema=STATS_SCHEMA)
     write_parquet(table, layout.stats)
     return table

@@ -71,6 +71,7 @@ class ShardWorker:
 
     def describe(self) -> dict:
         return {**self.engine.describe(), "actor": self.name, "load_s": self.load_s, "warmup_s": self.warmup_s,
+                "compile_cache": getattr(self.engine, "compile_cache", None),
                 "node_id": _ray_node_id(), "model_identity": self.model_identity}
 
     def score_shard(self, shard: dict, attempt: int = 1, read_ahead: dict | None = None) -> tuple[dict, dict]:

@@ -24,7 +24,7 @@ import torch
 
 from kernels.batching import LENGTH_BUCKETS, PACKED_TOTAL_MULTIPLE, padded_length, plan_batches
 from kernels.config import EngineConfig
-from kernels.loading import LoadedModel, cpu_threads, load_model, resolve_device, resolve_dtype
+from kernels.loading import LoadedModel, check_head, cpu_threads, load_model, resolve_device, resolve_dtype
 from kernels.pairs import EncodedPairs, PairEncoder, scatter_segments as _gather
 
 MIN_BATCH_TOKENS = 256
@@ -99,7 +99,8 @@ class Engine:
         self.max_length = min(cfg.max_length or loaded.max_length, loaded.max_length)
         self.encoder = PairEncoder(self.tokenizer, self.max_length)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
-        self.label_index = 0 if self.config.num_labels == 1 else self.config.num_labels - 1
+        check_head(self.config)
+        self.two_class = self.config.num_labels == 2  # scored as the margin logit[1] - logit[0]
         cuda = device.type == "cuda"
         self.configured_budget = cfg.max_batch_tokens or (16384 if cuda else 4096)
         self.budget = self.configured_budget  # lowered after an out-of-memory error, for the rest of one call
@@ -140,11 +141,14 @@ class Engine:
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         model = model.eval().to(device=device, dtype=dtype)
-        return cls(LoadedModel(model, tokenizer, model_max_length(model.config, tokenizer)), cfg, device, dtype)
+        return cls(LoadedModel(model, tokenizer, model_max_length(model.config, tokenizer, model)), cfg, device, dtype)
+
+    def _padded_attention(self) -> str:
+        return getattr(self.config, "_attn_implementation", None) or "sdpa"  # "eager": models without SDPA
 
     def _choose_engine(self, wanted: str):
         if wanted == "padded":
-            return "padded", None, "sdpa"
+            return "padded", None, self._padded_attention()
         from kernels import packed
 
         if not packed.supports(self.config):
@@ -152,7 +156,7 @@ class Engine:
                 raise packed.UnsupportedArchitecture(
                     f"--engine packed does not support {self.config.model_type!r} "
                     f"({', '.join(self.config.architectures or [])}); use --engine padded or auto")
-            return "padded", None, "sdpa"
+            return "padded", None, self._padded_attention()
         model = packed.from_hf(self.model).to(device=self.device, dtype=self.dtype).eval()
         if self.device.type == "cuda":
             from kernels.packed_attention import _flash_attn_varlen_qkvpacked
@@ -168,7 +172,7 @@ class Engine:
                 log.warning("packed engine with %s attention failed its self-check (%s)", backend, problem)
             if wanted == "packed":
                 raise RuntimeError("--engine packed failed its self-check on this device; see the log")
-            return "padded", None, "sdpa"
+            return "padded", None, self._padded_attention()
         return "packed", model, model.attention_backend
 
     @torch.inference_mode()
@@ -284,8 +288,16 @@ class Engine:
                 seq_lens = np.append(seq_lens, np.zeros(fixed - len(seq_lens), np.int64))
             cu = np.zeros(len(seq_lens) + 1, dtype=np.int32)
             np.cumsum(seq_lens, out=cu[1:])
-            t = {"input_ids": ids, "position_ids": np.asarray(position_ids_for(seq_lens, self.config), np.int64),
-                 "cu_seqlens": cu}
+            positions = np.asarray(position_ids_for(seq_lens, self.config), np.int64)
+            pad = getattr(self.packed.config, "pad_token_id", None)
+            if getattr(self.packed.config, "family", None) == "roberta" and (ids[:real] == pad).any():
+                # HF RoBERTa numbers non-pad tokens only: a pad id typed in the text ("<pad>") keeps position
+                # padding_idx and shifts the tokens after it. Reproduce that, per sequence.
+                keep = (ids != pad).astype(np.int64)
+                run = np.concatenate([[0], np.cumsum(keep)])  # non-pad tokens before each flat position
+                run = run[1:] - np.repeat(run[cu[:-1]], seq_lens.astype(np.int64))
+                positions = np.where(keep == 1, run + pad, pad)
+            t = {"input_ids": ids, "position_ids": positions, "cu_seqlens": cu}
             if use_types:
                 types = np.zeros(total, dtype=np.int64)
                 _gather(types, dst, enc.type_ids, starts, lengths)
@@ -347,8 +359,9 @@ class Engine:
             self.compiled = False
             self._forward = self._packed_logits if self.kind == "packed" else self._padded_logits
             logits = self._forward(**kwargs)
+        logits = logits[: len(hb.index)].to(torch.float32)
         # A copy even in fp32: under CUDA graphs the output buffer is overwritten by the next replay.
-        return logits[: len(hb.index), self.label_index].to(torch.float32, copy=True)
+        return logits[:, 1] - logits[:, 0] if self.two_class else logits[:, 0].clone()
 
     def _run_batch(self, enc: EncodedPairs, hb: _HostBatch, staged, stats: ScoreStats) -> list:
         """Logits of one batch as [(index, logits)]; splits and retries on device out-of-memory."""
@@ -445,7 +458,10 @@ class Engine:
         return scores[inverse], stats
 
     def warmup(self, pairs: int = 0) -> float:
-        """Run every shape the planner tends to produce once (compiles them); returns seconds spent."""
+        """Run every shape the planner tends to produce once (compiles them); returns seconds spent, and
+        keeps in `compile_cache` how many compiled graphs came from torch's on-disk cache: actors on one node
+        share it (TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER), so only the first compiles."""
+        before = _compile_cache_counts()
         t0 = time.perf_counter()
         word = "warm"
         for n_words in sorted({4, 16, 48, 120, self.max_length}):
@@ -453,5 +469,18 @@ class Engine:
             self.score([word] * count, [" ".join([word] * n_words) + f" {i}" for i in range(count)])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        after = _compile_cache_counts()
+        self.compile_cache = {k: after[k] - before[k] for k in after}
         return time.perf_counter() - t0
+
+
+def _compile_cache_counts() -> dict:
+    """Inductor's graph-cache hits and misses so far in this process (its own counters: a private API, so
+    read defensively)."""
+    try:
+        from torch._dynamo.utils import counters
+        return {"hits": int(counters["inductor"]["fxgraph_cache_hit"]),
+                "misses": int(counters["inductor"]["fxgraph_cache_miss"])}
+    except Exception:  # a torch without these counters: report nothing rather than fail a warm-up
+        return {"hits": 0, "misses": 0}
 

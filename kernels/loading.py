@@ -33,10 +33,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPE_BY_NAME[dtype]
 
 
-def model_max_length(config, tokenizer) -> int:
+def model_max_length(config, tokenizer, model=None) -> int:
     """The position table's usable length (RoBERTa's starts past the padding index), capped by the tokenizer."""
     positions = getattr(config, "max_position_embeddings", 512)
-    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+    table = getattr(getattr(getattr(model, "base_model", None), "embeddings", None), "position_embeddings", None)
+    if getattr(table, "padding_idx", None) is not None:  # RoBERTa-style positions (data2vec, MPNet, XLM-R XL, ...)
+        positions -= table.padding_idx + 1
+    elif config.model_type in ("roberta", "xlm-roberta", "camembert"):
         positions -= (config.pad_token_id or 1) + 1
     limit = getattr(tokenizer, "model_max_length", None) or positions
     return int(min(positions, limit if limit < 1_000_000 else positions))
@@ -49,16 +52,16 @@ def load_model(name_or_path: str, *, device: torch.device, dtype: torch.dtype, r
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{name_or_path}: crossrank needs a fast (Rust) tokenizer; none found")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path,
-        revision=revision,
-        trust_remote_code=trust_remote_code,  # remote code runs only when the user asked for it
-        dtype=dtype,
-        attn_implementation="sdpa",
-        use_safetensors=True,  # never unpickle weights
-    )
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
+                  use_safetensors=True)  # remote code only when asked; never unpickle weights
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, attn_implementation="sdpa", **kwargs)
+    except ValueError as e:  # DeBERTa(-v2/v3), MPNet, ...: no SDPA in transformers; their own attention then
+        if "scaled_dot_product_attention" not in str(e):
+            raise
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, attn_implementation="eager", **kwargs)
     model.eval().to(device=device, dtype=dtype)  # the dtype again: remote-code models may ignore the argument
-    return LoadedModel(model=model, tokenizer=tokenizer, max_length=model_max_length(model.config, tokenizer))
+    return LoadedModel(model=model, tokenizer=tokenizer, max_length=model_max_length(model.config, tokenizer, model))
 
 
 def model_provenance(name_or_path: str, revision: str | None = None, *, trust_remote_code: bool = False) -> dict:
@@ -72,7 +75,7 @@ def model_provenance(name_or_path: str, revision: str | None = None, *, trust_re
     if path.is_dir():
         from transformers import AutoConfig
 
-        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)  # fails early on a bad folder
+        check_head(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))  # fails early
         out["model_path"] = str(path.resolve())
         out["weights_sha256"] = _hash_files(sorted(path.glob("*.safetensors")))
         out["tokenizer_sha256"] = _hash_files(sorted(p for p in path.glob("*") if "tok" in p.name or p.name == "vocab.txt"))
@@ -83,8 +86,20 @@ def model_provenance(name_or_path: str, revision: str | None = None, *, trust_re
 
     # The hub commit the revision resolved to (from the local cache when offline): replays load exactly it.
     cfg = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    check_head(cfg)
     out["resolved_revision"] = getattr(cfg, "_commit_hash", None)
     return out
+
+
+def check_head(config) -> None:
+    """crossrank scores one number per pair: a one-logit head's logit, or a two-class head's margin
+    logit[1] - logit[0] (whose sigmoid is softmax[1], the usual reading of a two-class reranker). A head with
+    more classes (an NLI model: entailment, neutral, contradiction) has no such number: refused, never guessed."""
+    n = int(getattr(config, "num_labels", 1) or 1)
+    if n > 2:
+        labels = ", ".join(str(v) for v in (getattr(config, "id2label", None) or {}).values())
+        raise ValueError(f"the model's head has {n} labels ({labels}); crossrank scores rerankers with one "
+                         "logit, or two classes (scored as logit[1] - logit[0])")
 
 
 def _looks_like_path(name: str) -> bool:

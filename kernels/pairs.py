@@ -128,12 +128,16 @@ class PairEncoder:
             raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; crossrank needs one")
         self.template = derive_template(tokenizer)
         self.max_length = int(max_length)
+        # truncation_side="left" (tokenizer_config.json) keeps each segment's tail, as tokenizer(q, d, ...) does
+        self.keep_tail = getattr(tokenizer, "truncation_side", "right") == "left"
         if self.max_length <= self.template.num_special:
             raise ValueError(f"max_length {max_length} leaves no room for text")
         # A private copy of the Rust tokenizer without truncation or padding: segments are cut here.
         self._rust = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self._rust.no_truncation()
         self._rust.no_padding()
+        # split_special_tokens=True lives on the backend, not in its JSON: carry it over
+        self._rust.encode_special_tokens = tokenizer.backend_tokenizer.encode_special_tokens
         self._encode = getattr(self._rust, "encode_batch_fast", self._rust.encode_batch)
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
@@ -169,8 +173,9 @@ class PairEncoder:
             ids[mid_start + k] = tok
         for k, tok in enumerate(t.suffix):
             ids[suf_start + k] = tok
-        scatter_segments(ids, a_start, q.ids, q.starts[q_idx], ka)
-        scatter_segments(ids, b_start, d.ids, d.starts[d_idx], kb)
+        skip_a, skip_b = (la - ka, lb - kb) if self.keep_tail else (0, 0)
+        scatter_segments(ids, a_start, q.ids, q.starts[q_idx] + skip_a, ka)
+        scatter_segments(ids, b_start, d.ids, d.starts[d_idx] + skip_b, kb)
         if t.type_a != t.type_b:
             a_span = ka + len(t.prefix) + len(t.middle)
             scatter_segments(types, start, np.full(int(a_span.max(initial=0)), t.type_a, dtype=np.int8),

@@ -149,7 +149,8 @@ def check_consistency(schemas: dict[str, pa.Schema], cols: ColumnMap) -> list[st
         user = cols.user_name(canonical)
         have = [p for p, s in schemas.items() if user in s.names]
         if have and len(have) != len(schemas):
-            lack = next(p for p in schemas if p not in have)
+            holders = set(have)  # a set: 20,000 files took 4 s through the list
+            lack = next(p for p in schemas if p not in holders)
             problems.append(f"column '{user}' is in {have[0]} but missing in {lack}: "
                             "a query's candidates must all carry it, or none")
     return problems

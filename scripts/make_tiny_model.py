@@ -1,7 +1,7 @@
 """Build tiny random-weight cross-encoders on disk, with no download.
 
 Each model is a real `transformers` sequence-classification checkpoint (num_labels=1) and a real fast
-tokenizer trained here on a small synthetic corpus, both written with `save_pretrained`, so the job loads
+tokenizer built here from a small synthetic corpus, both written with `save_pretrained`, so the job loads
 them through the same `--model PATH` code path a user's Hugging Face checkpoint takes.
 
 Random weights give meaningless scores: these models exist to exercise code paths, never to rank.
@@ -11,7 +11,10 @@ Random weights give meaningless scores: these models exist to exercise code path
 from __future__ import annotations
 
 import argparse
+import math
 import random
+import string
+from collections import Counter
 from pathlib import Path
 
 _WORDS = (
@@ -30,32 +33,74 @@ def _corpus(n_lines: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(vocab) for _ in range(rng.randint(3, 30))) for _ in range(n_lines)]
 
 
-def _bert_tokenizer(seed: int):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+def _word_counts(tok, lines: list[str]) -> Counter:
+    """Words of `lines` as `tok`'s normalizer and pre-tokenizer cut them, with their counts."""
+    counts: Counter = Counter()
+    for line in lines:
+        normal = tok.normalizer.normalize_str(line) if tok.normalizer else line
+        counts.update(word for word, _ in tok.pre_tokenizer.pre_tokenize_str(normal))
+    return counts
+
+
+def _frequent_first(counts: Counter) -> list[str]:
+    return sorted(counts, key=lambda w: (-counts[w], w))  # ties by text: the same vocabulary every process
+
+
+def _pieces(counts: Counter, head: str, n_words: int) -> tuple[list[str], Counter]:
+    """Characters (ASCII included), the `n_words` most frequent words whole, then the words' 2-4 character
+    starts and ends with their frequencies, so the other words split into subwords as in a real vocabulary.
+    `head` marks a word-initial piece (Unigram's "▁") or "" when continuations carry the mark (WordPiece)."""
+    chars = sorted({c for word in counts for c in word} | set(string.ascii_letters + string.digits + string.punctuation))
+    whole = [w for w in _frequent_first(counts) if len(w) > 1][:n_words]
+    parts: Counter = Counter()
+    for word, n in counts.items():
+        core = word[len(head):] if head and word.startswith(head) else word
+        for k in (2, 3, 4):
+            if len(core) > k:
+                parts[head + core[:k]] += n
+                parts["\0" + core[-k:]] += n  # "\0": a continuation, spelt by each model below
+    return chars + whole, parts
+
+
+# The vocabularies are built from counts rather than by the `tokenizers` trainers, whose tie-breaking
+# follows Rust's per-process hash seed: a trained vocabulary (so every score) changed between sessions.
+def _bert_tokenizer(seed: int, vocab_size: int = 400):
+    """WordPiece: characters (word-initial and `##`), frequent words, then frequent word starts and ends."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import BertTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    )
-    tok.train_from_iterator(_corpus(2000, seed), trainer)
+    probe = Tokenizer(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]"))
+    probe.normalizer = normalizers.BertNormalizer(lowercase=True)
+    probe.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts = _word_counts(probe, _corpus(2000, seed))
+    base, parts = _pieces(counts, "", n_words=60)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + base + ["##" + c for c in base if len(c) == 1]
+    vocab += [w.replace("\0", "##") for w in _frequent_first(parts) if w.replace("\0", "##") not in vocab]
+    vocab = list(dict.fromkeys(vocab))[:vocab_size]
+    tok = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = probe.normalizer, probe.pre_tokenizer, decoders.WordPiece()
     return BertTokenizerFast(tokenizer_object=tok, model_max_length=128)
 
 
-def _xlmr_tokenizer(seed: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+def _xlmr_tokenizer(seed: int, vocab_size: int = 400):
+    """Unigram over Metaspace words: characters, frequent words, then word starts and ends, scored by log
+    frequency so the Viterbi cut prefers whole words, then long pieces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import XLMRobertaTokenizerFast
 
-    tok = Tokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(
-        vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], unk_token="<unk>"
-    )
-    tok.train_from_iterator(_corpus(2000, seed), trainer)
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    probe = Tokenizer(models.Unigram([("<unk>", 0.0)], unk_id=0))
+    probe.pre_tokenizer = pre_tokenizers.Metaspace()
+    counts = _word_counts(probe, _corpus(2000, seed))
+    total = sum(counts.values())
+    base, parts = _pieces(counts, "\u2581", n_words=60)
+    scored = {**{w.replace("\0", ""): math.log(n / total) - 2.0 for w, n in parts.items()},
+              **{w: math.log(counts[w] / total) for w in base if len(w) > 1}}
+    pieces = [(s, 0.0) for s in specials] + [(c, -20.0) for c in base if len(c) == 1]  # a char as a last resort
+    known = {p for p, _ in pieces}
+    pieces += [(w, scored[w]) for w in sorted(scored, key=lambda w: (-scored[w], w)) if w not in known]
+    tok = Tokenizer(models.Unigram(pieces[:vocab_size], unk_id=specials.index("<unk>")))
+    tok.pre_tokenizer, tok.decoder = probe.pre_tokenizer, decoders.Metaspace()
     return XLMRobertaTokenizerFast(tokenizer_object=tok, model_max_length=128)
 
 

@@ -163,22 +163,32 @@ def test_rounded_packed_totals_do_not_split_batches(tiny_bert):
     np.testing.assert_allclose(scores, plain, atol=1e-5)
 
 
-def test_compiled_packed_engine_compiles_one_graph(tiny_bert):
+def test_compiled_packed_engine_compiles_one_graph(tiny_bert, tmp_path, monkeypatch):
     """torch.compile (the CUDA default), here on CPU: one graph serves every token total and sequence length
-    (dynamic shapes from the first call, not a static compile then a dynamic recompile), same scores."""
+    (dynamic shapes from the first call, not a static compile then a dynamic recompile), same scores. A
+    second engine (another actor on the node) takes its compiled graph from the on-disk cache, and says so."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # cold: nothing compiled yet
     queries, docs = _pairs(200, seed=4)
     plain, _ = Engine.from_pretrained(tiny_bert, EngineConfig(engine="packed")).score(queries, docs)
     torch._dynamo.reset()
     counters.clear()
-    eng = Engine.from_pretrained(tiny_bert, EngineConfig(engine="packed", compile=True, max_batch_tokens=1024))
+    cfg = EngineConfig(engine="packed", compile=True, max_batch_tokens=1024)
+    eng = Engine.from_pretrained(tiny_bert, cfg)
     eng.warmup()
     scores, st = eng.score(queries, docs)
     assert eng.compiled and st.batches > 3
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     np.testing.assert_allclose(scores, plain, atol=1e-5)
+    assert eng.compile_cache["misses"] >= 1 and eng.compile_cache["hits"] == 0
+
+    torch._dynamo.reset()  # what a fresh actor process starts from, with the node's cache folder in place
+    again = Engine.from_pretrained(tiny_bert, cfg)
+    again.warmup()
+    assert again.compile_cache == {"hits": eng.compile_cache["misses"], "misses": 0}
+    np.testing.assert_allclose(again.score(queries, docs)[0], plain, atol=1e-5)
 
 
 @pytest.mark.parametrize("max_length,multiple,batch", [(None, 1, 64), (None, 256, 64), (12, 256, 43)])
@@ -204,6 +214,9 @@ def test_self_check_ignores_an_overflowed_low_precision_reference(tiny_bert, ove
     import copy
 
     eng = Engine.from_pretrained(tiny_bert, EngineConfig(engine="packed", dtype="bfloat16", device="cpu"))
+    with torch.no_grad():  # logits around 8, so bf16 rounding of the packed model stays under the floor
+        for m in (eng.model, eng.packed):
+            m.classifier.bias += 8.0
 
     def overflowed(module, args, out):  # the bf16 HF model only; the check's fp32 copy stays finite
         if module.classifier.weight.dtype != torch.float32:

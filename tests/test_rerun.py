@@ -122,8 +122,10 @@ def test_top_k_recuts_shortlists_and_counts_survive_a_resume(ray_local, tiny_ber
         assert lengths == cut, extra
 
 
-def test_overwrite_forgets_the_last_runs_manifest_before_anything_else(tmp_path):
-    """A redo killed early once left the previous run's manifest saying "complete" over an emptied output."""
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_a_run_forgets_the_last_runs_complete_before_anything_else(tmp_path, overwrite):
+    """A redo killed early once left the previous run's manifest saying "complete" over an emptied output; a
+    resume killed while recutting shortlists left it beside lists of two different cuts."""
     from jobs.layout import OutputLayout
     from jobs.plan import make_plan
     from jobs.rerank import prepare_output
@@ -132,12 +134,84 @@ def test_overwrite_forgets_the_last_runs_manifest_before_anything_else(tmp_path)
 
     inp = write_shortlists(tmp_path / "in", files=1)
     out = tmp_path / "out"
-    out.mkdir()
+    layout = OutputLayout(locate(str(out)))
+    prepare_output(layout, make_plan([str(inp)], ColumnMap(), 80), False, {})  # the last run's plan.json
     (out / "manifest.json").write_text(json.dumps({"status": "complete"}))
     pq.write_table(pa.table({"shard": ["x"]}), out / "stats.parquet")
-    prepare_output(OutputLayout(locate(str(out))), make_plan([str(inp)], ColumnMap(), 80), True, {})
-    assert not (out / "manifest.json").exists() and not (out / "stats.parquet").exists()
+    prepare_output(layout, make_plan([str(inp)], ColumnMap(), 80), overwrite, {})
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    assert (out / "stats.parquet").exists() != overwrite
     assert (out / "_work" / "plan.json").exists()
+
+
+def test_committed_shards_without_their_plan_are_refused(tmp_path):
+    """plan.json lost (deleted, or an --overwrite killed between its deletes): its committed shards were
+    resumed unchecked, and a run with another --rerank-depth reused shards scored without one."""
+    from jobs.layout import OutputLayout
+    from jobs.plan import make_plan
+    from jobs.rerank import OutputConflict, prepare_output
+    from jobs.storage import locate
+    from schemas.contract import ColumnMap
+
+    inp = write_shortlists(tmp_path / "in", files=1)
+    layout = OutputLayout(locate(str(tmp_path / "out")))
+    prepare_output(layout, make_plan([str(inp)], ColumnMap(), 80), False, {})
+    (tmp_path / "out" / "_work" / "plan.json").unlink()
+    prepare_output(layout, make_plan([str(inp)], ColumnMap(), 80), False, {})  # nothing committed: fine
+    (tmp_path / "out" / "_work" / "plan.json").unlink()
+    (tmp_path / "out" / "_work" / "scored").mkdir()
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "out" / "_work" / "scored" / "part-0.parquet")
+    with pytest.raises(OutputConflict, match="committed shards but no .*plan.json"):
+        prepare_output(layout, make_plan([str(inp)], ColumnMap(), 80), False, {})
+
+
+def _final(out) -> list[tuple]:
+    t = read_dir(out / "scores")
+    return sorted(zip(t["query_id"].to_pylist(), t["doc_id"].to_pylist(), t["rerank_position"].to_pylist(),
+                      t["score"].to_pylist()))
+
+
+def test_damaged_work_files_are_named_and_the_named_remedy_restores_the_output(ray_local, tiny_bert, tmp_path,
+                                                                              capsys):
+    """Work files lost or truncated after their shard committed: a missing key file once ranked its queries
+    without those rows and wrote wrong final files that no rerun replaced; a truncated scored file or a missing
+    stats file failed every rerun with an error naming no file."""
+    inp = write_shortlists(tmp_path / "in", files=2, n_queries=6, per_query=10)
+    out = tmp_path / "out"
+    code, err = _run(job_args(inp, out, tiny_bert, "--shard-rows", "60"), capsys)
+    assert code == 0, err
+    want = _final(out)
+    shards = sorted(p.stem for p in (out / "_work" / "scored").glob("*.parquet"))
+    assert len(shards) >= 2
+    work = out / "_work"
+
+    def damaged(shard: str, what: str) -> None:
+        code, err = _run(job_args(inp, out, tiny_bert, "--shard-rows", "60"), capsys)
+        assert code == 1 and f"shard {shard}: " in err and what in err, err
+        assert f"Delete {work / 'scored' / shard}.parquet and rerun" in err, err
+        assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+
+    def remedy(shard: str) -> None:
+        (work / "scored" / f"{shard}.parquet").unlink()
+        code, err = _run(job_args(inp, out, tiny_bert, "--shard-rows", "60"), capsys)
+        assert code == 0 and "resuming: " in err, err
+        got = _final(out)
+        assert [g[:3] for g in got] == [w[:3] for w in want]
+        assert all(abs(g[3] - w[3]) < 1e-6 for g, w in zip(got, want))
+
+    (work / "keys" / shards[0] / "b00000.parquet").unlink()
+    damaged(shards[0], "b00000.parquet are missing")
+    remedy(shards[0])
+
+    (out / "scores" / f"{shards[1]}.parquet").unlink()  # as if killed before its final file
+    scored = work / "scored" / f"{shards[1]}.parquet"
+    scored.write_bytes(scored.read_bytes()[: scored.stat().st_size // 2])
+    damaged(shards[1], "cannot be read")
+    remedy(shards[1])
+
+    (work / "stats" / f"{shards[0]}.json").unlink()
+    damaged(shards[0], "stats")
+    remedy(shards[0])
 
 
 def test_a_fixed_file_keeps_the_bucket_count(tmp_path, monkeypatch):
