@@ -161,7 +161,6 @@ def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Loca
     problems: list[str] = []
     schemas = {}
     metas: dict[str, tuple[Location, Footer | str]] = {}
-    same: dict[pa.Schema, pa.Schema] = {}  # one object per distinct schema, however many files share it
     sizes: dict[str, int | None] = {}
     for loc, (size, meta) in zip(files, parallel(_footer, files)):
         metas[loc.uri] = (loc, meta)
@@ -172,7 +171,7 @@ def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Loca
             if not loc.path.endswith(".parquet"):
                 problems.append(f"{loc.uri}: not a Parquet file ({meta})")
             continue
-        schema = same.setdefault(meta.schema, meta.schema)
+        schema = meta.schema
         schemas[loc.uri] = schema
         problems += check_file_schema(loc.uri, schema, cols)
     problems += check_consistency(schemas, cols)

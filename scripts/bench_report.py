@@ -1,7 +1,7 @@
 """The evaluation report on a large run: how long `write_report` takes and how many bytes it reads from the
 output's storage, on a synthetic OUT/scores/ of labelled shortlists with natural-questions-sized passages.
 
-    python -m scripts.bench_report --rows 4000000 --files 8 [--latency-ms 30]
+    python -m scripts.bench_report --rows 4000000 --files 8 [--latency-ms 30] [--giant 100000]
 
 With --latency-ms the output directory sits behind the simulated object store of scripts/latency_fs.py
 (a local disk that waits before every call), as it would on s3://.
@@ -26,7 +26,8 @@ CANDIDATES = 100
 PASSAGE_CHARS = 620  # natural-questions passages average about 620 characters
 
 
-def make_scores(folder: Path, rows: int, files: int, seed: int = 0, row_group_size: int = 128 * 1024) -> int:
+def make_scores(folder: Path, rows: int, files: int, seed: int = 0, row_group_size: int = 128 * 1024,
+                giant: int = 0) -> int:
     """OUT/scores/*.parquet as the job writes them (the job's row group size by default): whole queries per
     file, positions 1..n, about 5% of candidates relevant. Returns their size in bytes."""
     rng = np.random.default_rng(seed)
@@ -57,6 +58,21 @@ def make_scores(folder: Path, rows: int, files: int, seed: int = 0, row_group_si
         path = folder / "scores" / f"part-{f:05d}.parquet"
         pq.write_table(table, path, compression="zstd", row_group_size=row_group_size)
         size += path.stat().st_size
+    if giant:  # one query of `giant` candidates: what a pairwise metric must not square
+        score = rng.normal(size=giant).astype(np.float32)
+        pos = np.empty(giant, np.int32)
+        pos[np.argsort(-score, kind="stable")] = np.arange(1, giant + 1, dtype=np.int32)
+        table = pa.table({
+            "query_id": pa.array(["q-giant"] * giant), "query": pa.array(["the giant question"] * giant),
+            "doc_id": pa.array([f"g{i}" for i in range(giant)]),
+            "doc": pa.array([text[o:o + PASSAGE_CHARS] for o in rng.integers(0, len(text) - PASSAGE_CHARS, giant)]),
+            "label": pa.array((rng.random(giant) < 0.05).astype(np.int32)),
+            "score": score, "rescored": pa.array(np.ones(giant, bool)),
+            "first_stage_rank": np.arange(1, giant + 1, dtype=np.int32), "rerank_position": pos,
+        })
+        path = folder / "scores" / "part-giant.parquet"
+        pq.write_table(table, path, compression="zstd", row_group_size=row_group_size)
+        size += path.stat().st_size
     return size
 
 
@@ -67,10 +83,11 @@ def main() -> None:
     ap.add_argument("--rows-per-bucket", type=int, default=rm.ROWS_PER_BUCKET)
     ap.add_argument("--top-regressions", type=int, default=20, help="the review list's length (its text is read)")
     ap.add_argument("--latency-ms", type=float, default=0.0, help="simulate an object store (0: plain local disk)")
+    ap.add_argument("--giant", type=int, default=0, help="add one query with this many candidates")
     args = ap.parse_args()
     rm.ROWS_PER_BUCKET = args.rows_per_bucket
     with tempfile.TemporaryDirectory() as tmp:
-        size = make_scores(Path(tmp), args.rows, args.files)
+        size = make_scores(Path(tmp), args.rows, args.files, giant=args.giant)
         if args.latency_ms:
             fs, handler = latency_fs(args.latency_ms / 1000)
             out: Location | str = Location(fs, tmp, f"latency://{tmp}")
