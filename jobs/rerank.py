@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, pa.ArrowException) as e:  # a store that cannot be reached, credentials, permissions
         print(f"error: cannot read --input or --output: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    if not args.quiet and (small := plan.small_shards_warning(args.shard_rows)):
+        print(small, file=sys.stderr)
     if args.rerank_depth and any("first_stage_rank" not in c for c in plan.columns.values()):
         print("error: --rerank-depth needs a first_stage_rank column in every input file", file=sys.stderr)
         return 2

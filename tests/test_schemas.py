@@ -66,3 +66,20 @@ def test_split_rejects_reasons_and_rows():
     assert dict(zip(rej["source_row"].to_pylist(), rej["reject_reason"].to_pylist())) == {
         11: "query_id is null", 12: "query is empty or whitespace", 13: "doc is empty or whitespace",
         14: "first_stage_score is NaN or infinite", 15: "query is null"}
+
+
+def test_many_small_files_are_called_out_before_any_work():
+    """A shard never spans files: 20,000 small files at 100M rows meant ~1M key files, and nothing said so."""
+    from jobs.plan import Plan, Shard
+
+    def plan(files: int, rows_each: int, buckets: int) -> Plan:
+        shards = [Shard(f"f{i}-r0", i << 20, f"/in/f{i}.parquet", f"/in/f{i}.parquet", (0,), 0, rows_each)
+                  for i in range(files)]
+        return Plan(shards=shards, files=[{"uri": s.uri, "bytes": 1, "rows": rows_each} for s in shards],
+                    buckets=buckets, total_rows=files * rows_each, columns={})
+
+    message = plan(20_000, 5_000, 50).small_shards_warning(500_000)
+    assert message and "20,000 input files make 20,000 shards of 5,000 rows" in message and "1,000,000" in message
+    assert plan(200, 500_000, 50).small_shards_warning(500_000) is None  # few, full shards
+    assert plan(20_000, 5_000, 1).small_shards_warning(500_000) is None  # one bucket: one key file a shard
+    assert plan(20_000, 5_000, 50).small_shards_warning(20_000) is None  # shards a quarter full: fine
