@@ -47,6 +47,10 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
     score_t0_mono = time.monotonic()  # the pool stamps its first ready actor on this clock
     first_ready = None
     if pending:
+        # Positions, final files and shortlists made before a shard is (re)scored are stale: drop them before
+        # scoring, so that a run killed after its last commit cannot leave them to a rerun with nothing pending.
+        for old in (layout.root.child(WORK, "positions"), layout.root.child(SCORES), layout.root.child(SHORTLISTS)):
+            delete_dir(old)
         n, resources = actor_resources(args.num_actors, spec.get("engine"))
         pool = ActorPool(spec, n, resources, max_retries=args.max_shard_retries,
                          recover=lambda shard: _committed_stats(layout, shard))
@@ -82,9 +86,6 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
     shard_stats = read_shard_stats(layout, [s.name for s in plan.shards])
     collapsed, ranked_in = 0, None
     if not failed:
-        if pending:  # positions made before a shard was (re)scored are stale: rank again from its new keys
-            for old in (layout.root.child(WORK, "positions"), layout.root.child(SCORES), layout.root.child(SHORTLISTS)):
-                delete_dir(old)
         key_files = layout.key_files()
         _check_work(layout, plan, shard_stats, key_files)
         collapsed, ranked_in = _finalize(spec, plan, layout, args.top_k, key_files)
@@ -125,19 +126,23 @@ def _check_work(layout: OutputLayout, plan, shard_stats: dict[str, dict], key_fi
     """Before ranking: every shard left its stats and the key files they name. Work files deleted since (by
     hand, by a storage lifecycle rule) would rank queries without some of their rows, or stop the job later
     after final files were written; DamagedWork names the shard and how to redo it."""
+    problems = []
     for s in plan.shards:
         st = shard_stats.get(s.name)
         if st is None:
-            raise DamagedWork(layout, s.name, f"its stats {layout.shard_stats(s.name).uri} are missing")
+            problems.append((s.name, f"its stats {layout.shard_stats(s.name).uri} are missing"))
+            continue
         have = set(key_files.get(s.name, {}))
         if "key_buckets" not in st:  # committed before the buckets were recorded: some, if it has rows
             if st["rows_scored"] and not have:
-                raise DamagedWork(layout, s.name, f"its key files under {layout.keys_dir(s.name).uri} are missing")
+                problems.append((s.name, f"its key files under {layout.keys_dir(s.name).uri} are missing"))
             continue
         missing = sorted(set(st["key_buckets"]) - have)
         if missing:
-            raise DamagedWork(layout, s.name, "its key file(s) " + ", ".join(layout.keys(s.name, b).uri
-                                                                            for b in missing) + " are missing")
+            problems.append((s.name, "its key file(s) " + ", ".join(layout.keys(s.name, b).uri for b in missing)
+                             + " are missing"))
+    if problems:
+        raise DamagedWork.of(layout, problems)
 
 
 def _finalize(spec: dict, plan, layout: OutputLayout, top_k: int | None, key_files: dict) -> tuple[int, str]:

@@ -82,6 +82,16 @@ def shortlists(df: pl.DataFrame, top_k: int, activation: str = "identity") -> pl
         pl.col(FIRST_STAGE_RANK).alias("first_stage_ranks"), pl.col(RESCORED).alias("rescored"), *extra)
 
 
+def _read_marker(done) -> dict | None:
+    """A bucket's marker, or None when absent or unreadable (truncated by hand): the bucket is ranked again."""
+    if not exists(done):
+        return None
+    try:
+        return read_json(done)
+    except ValueError:
+        return None
+
+
 def _shard_of(key_file: str) -> str:
     return key_file.rstrip("/").rsplit("/", 2)[-2]  # .../_work/keys/<shard>/b<bucket>.parquet
 
@@ -90,10 +100,10 @@ def rank_bucket(output: str, bucket: int, key_files: list[str], shard_by_seq: di
                 activation: str = "identity") -> dict:
     layout = OutputLayout(locate(output))
     done = layout.bucket_done(bucket)
-    if exists(done):
+    marker = _read_marker(done)
+    if marker is not None:
         # Positions never change on a rerun, shortlists do when --top-k does: an earlier cut that is no longer
         # wanted goes, another cut ranks the bucket again.
-        marker = read_json(done)
         if marker.get("top_k") != top_k and not top_k:
             delete_file(layout.shortlist(bucket))
             marker["top_k"] = top_k

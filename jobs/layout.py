@@ -1,6 +1,8 @@
 """Where everything lives under --output. One place, so the worker, finalizer and driver agree."""
 from __future__ import annotations
 
+import pyarrow as pa
+
 from jobs.storage import Location, list_dir, list_files, read_parquet
 
 SCORES = "scores"  # final rescored shards, one file per input shard
@@ -16,6 +18,25 @@ class DamagedWork(RuntimeError):
     def __init__(self, layout: "OutputLayout", shard: str, what: str):
         super().__init__(f"shard {shard}: {what}. Delete {layout.scored(shard).uri} and rerun the same command: "
                          "the shard is scored again and the cross-shard ranking redone")
+
+    @staticmethod
+    def of(layout: "OutputLayout", problems: list[tuple[str, str]]) -> "DamagedWork":
+        """One error naming every damaged shard, so one round of deletes mends them all."""
+        if len(problems) == 1:
+            return DamagedWork(layout, *problems[0])
+        lines = "\n".join(f"  shard {shard}: {what}" for shard, what in problems)
+        return _damaged_work(f"{len(problems)} shards have damaged work files:\n{lines}\nDelete each one's "
+                             f"{layout.scored('<shard>').uri} and rerun the same command: they are scored again "
+                             "and the cross-shard ranking redone")
+
+    def __reduce__(self):  # raised in a Ray task, it is pickled: rebuild it from its message
+        return _damaged_work, (str(self),)
+
+
+def _damaged_work(message: str) -> "DamagedWork":
+    e = DamagedWork.__new__(DamagedWork)
+    RuntimeError.__init__(e, message)
+    return e
 
 
 class OutputLayout:
@@ -43,7 +64,7 @@ class OutputLayout:
         """A work file of a committed shard, or DamagedWork naming it (a read error would name neither)."""
         try:
             return read_parquet(loc)
-        except Exception as e:
+        except (FileNotFoundError, pa.ArrowInvalid) as e:  # gone or corrupt; a storage timeout is not damage
             raise DamagedWork(self, shard, f"{loc.uri} cannot be read ({type(e).__name__}: {e})") from e
 
     def key_files(self) -> dict[str, dict[int, Location]]:

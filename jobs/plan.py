@@ -15,7 +15,7 @@ from dataclasses import dataclass, asdict
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.storage import Location, list_parquet, parallel
+from jobs.storage import Location, list_parquet_mtimes, parallel
 from schemas.contract import ColumnMap, InputSchemaError, check_consistency, check_file_schema
 
 KEY_ROWS_PER_BUCKET = 2_000_000  # rows of (query_id, doc_id, score, ...) one finalize task holds at once
@@ -104,7 +104,8 @@ class Plan:
         for s in done:
             cur = now[s["name"]]
             if "files" not in previous or not _same_file(files_before.get(s["uri"]), files_now.get(s["uri"])):
-                return f"{s['uri']} changed since shard {s['name']} was committed"
+                return (f"{s['uri']} changed since shard {s['name']} was committed (its size, rows, Parquet footer "
+                        "or modification time differ; a re-upload of the same bytes counts too)")
             if {k: cur[k] for k in s} != {**s, "row_groups": tuple(s["row_groups"])}:
                 return f"shard {s['name']} covers other rows now"
         if len(done) == len(old_shards) and len(now) != len(old_shards):
@@ -114,17 +115,17 @@ class Plan:
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for f in self.files:
-            h.update(f"{f['uri']}|{f['bytes']}|{f['rows']}|{f.get('footer')}\n".encode())
+            h.update(f"{f['uri']}|{f['bytes']}|{f['rows']}|{f.get('footer')}|{f.get('mtime_ns')}\n".encode())
         for s in self.shards:
             h.update(f"{s.name}|{s.row_start}|{s.row_end}\n".encode())
         return h.hexdigest()[:16]
 
 
 def _same_file(before: dict | None, now: dict | None) -> bool:
-    """Same size, rows and Parquet footer (a plan.json from before footers were hashed: size and rows)."""
+    """Same size, rows, Parquet footer and modification time (what an earlier plan.json recorded of them)."""
     if before is None or now is None:
         return before is now
-    keys = ("bytes", "rows") + (("footer",) if "footer" in before else ())
+    keys = ("bytes", "rows") + tuple(k for k in ("footer", "mtime_ns") if before.get(k) is not None)
     return all(before.get(k) == now.get(k) for k in keys)
 
 
@@ -171,7 +172,9 @@ def _footer(loc: Location) -> tuple[int | None, Footer | str]:
 
 def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Location | None = None) -> Plan:
     """`exclude`: the job's output folder, never read as input (it may sit inside an input folder)."""
-    files = list_parquet(inputs, exclude)
+    listed = list_parquet_mtimes(inputs, exclude)
+    files = [loc for loc, _ in listed]
+    mtimes = {loc.uri: mtime for loc, mtime in listed}
     problems: list[str] = []
     schemas = {}
     metas: dict[str, tuple[Location, Footer | str]] = {}
@@ -206,7 +209,8 @@ def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Loca
             add(0, [], 0)
             file_rows.append({"uri": uri, "bytes": size, "rows": None, "error": meta})
             continue
-        file_rows.append({"uri": uri, "bytes": size, "rows": meta.num_rows, "footer": meta.digest})
+        file_rows.append({"uri": uri, "bytes": size, "rows": meta.num_rows, "footer": meta.digest,
+                          "mtime_ns": mtimes.get(uri)})
         start, groups, rows = 0, [], 0
         for g, n in enumerate(meta.group_rows):
             if groups and rows + n > shard_rows:

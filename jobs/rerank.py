@@ -119,8 +119,11 @@ def column_names(args: argparse.Namespace) -> dict:
 
 def scoring_options(args: argparse.Namespace, provenance: dict) -> dict:
     """What decides a row's score and position: a rerun must match it to reuse committed shards."""
+    from kernels import SCORE_RULE
+
     return {"model": model_identity(provenance), "max_length": args.max_length, "activation": args.activation,
-            "rerank_depth": args.rerank_depth, "dedupe_docs": args.dedupe_docs, "columns": column_names(args)}
+            "rerank_depth": args.rerank_depth, "dedupe_docs": args.dedupe_docs, "columns": column_names(args),
+            "score_rule": SCORE_RULE}
 
 
 class OutputConflict(Exception):
@@ -143,7 +146,10 @@ def prepare_output(layout: OutputLayout, plan, overwrite: bool, options: dict | 
         delete_file(layout.stats)
     elif exists(layout.plan):
         committed = layout.committed_shards()
-        earlier = read_json(layout.plan)  # one read: on an object store each is a round trip
+        try:
+            earlier = read_json(layout.plan)  # one read: on an object store each is a round trip
+        except ValueError as e:  # truncated by hand: nothing to check the committed shards against
+            raise OutputConflict(f"{layout.plan.uri} cannot be read ({e}): pass --overwrite or use another --output")
         plan.keep_buckets(earlier)
         problem = plan.resume_problem(earlier, committed.__contains__)
         if problem:
@@ -274,7 +280,15 @@ def read_shard_stats(layout: OutputLayout, shard_names: list[str]) -> dict[str, 
     concurrent reads)."""
     written = layout.shards_with_stats()
     names = [s for s in shard_names if s in written]
-    return dict(zip(names, parallel(read_json, [layout.shard_stats(s) for s in names])))
+
+    def read(name: str) -> dict:
+        loc = layout.shard_stats(name)
+        try:
+            return read_json(loc)
+        except (ValueError, FileNotFoundError) as e:  # truncated or gone: a JSONDecodeError names no file
+            raise DamagedWork(layout, name, f"its stats {loc.uri} cannot be read ({type(e).__name__}: {e})") from e
+
+    return dict(zip(names, parallel(read, names)))
 
 
 def write_stats(layout: OutputLayout, shard_names: list[str], failed: list[dict],

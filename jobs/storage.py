@@ -46,14 +46,25 @@ def _has_glob(s: str) -> bool:
 
 
 def list_parquet(inputs: list[str], exclude: Location | None = None) -> list[Location]:
-    """Every Parquet file named by the inputs (files, directories, globs), sorted, each once.
+    """Every Parquet file named by the inputs (files, directories, globs), sorted, each once (see
+    list_parquet_mtimes)."""
+    return [loc for loc, _ in list_parquet_mtimes(inputs, exclude)]
+
+
+def _mtime_ns(info: pafs.FileInfo) -> int | None:
+    return info.mtime_ns if info.mtime is not None else None
+
+
+def list_parquet_mtimes(inputs: list[str], exclude: Location | None = None) -> list[tuple[Location, int | None]]:
+    """Every Parquet file named by the inputs (files, directories, globs), sorted, each once, with its
+    modification time in ns (from the listing: no extra call; None where the store keeps none).
 
     A path that exists is taken as written, glob characters in its name or not. In a glob, `*`, `?` and
     `[...]` stay within one folder and a `**` segment spans any number of folders. Under a directory, and
     wherever a glob's wildcards reach, names starting with `_` or `.` are skipped (`_SUCCESS`, `_tmp/`,
     `.hidden/`), and so is `exclude` (the job's own output, which may sit inside an input folder).
     """
-    found: dict[str, Location] = {}
+    found: dict[str, tuple[Location, int | None]] = {}
 
     def keep(loc: Location, path: str) -> bool:
         return exclude is None or type(loc.fs) is not type(exclude.fs) or not _under(path, exclude.path)
@@ -72,7 +83,7 @@ def list_parquet(inputs: list[str], exclude: Location | None = None) -> list[Loc
             if not hits:
                 raise FileNotFoundError(f"--input {spec}: the pattern matches no file")
             for i in hits:
-                found[i.path] = Location(root.fs, i.path, _uri_of(spec, root, i.path))
+                found[i.path] = Location(root.fs, i.path, _uri_of(spec, root, i.path)), _mtime_ns(i)
             continue
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"--input {spec}: no such file or directory")
@@ -83,9 +94,9 @@ def list_parquet(inputs: list[str], exclude: Location | None = None) -> list[Loc
             if not files:
                 raise FileNotFoundError(f"--input {spec}: the directory holds no .parquet file")
             for i in files:
-                found[i.path] = Location(loc.fs, i.path, _uri_of(spec, loc, i.path))
+                found[i.path] = Location(loc.fs, i.path, _uri_of(spec, loc, i.path)), _mtime_ns(i)
         else:
-            found[loc.path] = loc
+            found[loc.path] = loc, _mtime_ns(info)
     return [found[k] for k in sorted(found)]
 
 

@@ -4,3 +4,9 @@ Runs alone on a GPU box with only torch, transformers, numpy and pyarrow: nothin
 polars. `jobs/` wraps it in Ray actors. Read top to bottom: config -> loading -> pairs -> batching ->
 padded / packed forward -> engine.
 """
+
+# How a pair becomes a score, as a number a resume compares: committed shards scored under another rule
+# must not be mixed with new ones. Bump it whenever the same model and pair would score differently.
+# 2: two-class heads scored by their margin; truncation_side and split_special_tokens kept; a literal pad
+#    token in RoBERTa text positioned as Hugging Face does.
+SCORE_RULE = 2

@@ -96,6 +96,10 @@ def check_head(config) -> None:
     logit[1] - logit[0] (whose sigmoid is softmax[1], the usual reading of a two-class reranker). A head with
     more classes (an NLI model: entailment, neutral, contradiction) has no such number: refused, never guessed."""
     n = int(getattr(config, "num_labels", 1) or 1)
+    kind = getattr(config, "problem_type", None)
+    if n == 2 and kind in ("multi_label_classification", "regression"):
+        raise ValueError(f"the model's two-output head is {kind!r}: two independent outputs, not two classes; "
+                         "crossrank cannot pick one score for it")
     if n > 2:
         labels = ", ".join(str(v) for v in (getattr(config, "id2label", None) or {}).values())
         raise ValueError(f"the model's head has {n} labels ({labels}); crossrank scores rerankers with one "

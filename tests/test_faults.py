@@ -390,16 +390,6 @@ def test_resume_rules(tmp_path):
     pq.write_table(pa.Table.from_pylist(shortlist_rows(8, 20, prefix="z")), inp / "part-1.parquet", row_group_size=40)
     changed = make_plan([str(inp)], ColumnMap(), 80)
     assert "changed" in changed.resume_problem(prev, lambda n: n in good_shards)
-    # rewritten at the very same size and row count (plain encoding, no compression): told apart by its footer
-    plain = dict(compression="none", use_dictionary=False, row_group_size=40)
-    same = [dict(r, doc=r["doc"].replace("a", "b")) for r in shortlist_rows(8, 20, prefix="z")]
-    pq.write_table(pa.Table.from_pylist(same), inp / "part-1.parquet", **plain)
-    size = (inp / "part-1.parquet").stat().st_size
-    before_rewrite = json.loads(json.dumps(make_plan([str(inp)], ColumnMap(), 80).to_json()))
-    pq.write_table(pa.Table.from_pylist(shortlist_rows(8, 20, prefix="z")), inp / "part-1.parquet", **plain)
-    assert (inp / "part-1.parquet").stat().st_size == size
-    assert "part-1.parquet changed" in make_plan([str(inp)], ColumnMap(), 80).resume_problem(before_rewrite, lambda n: True)
-    pq.write_table(pa.Table.from_pylist(shortlist_rows(8, 20, prefix="z")), inp / "part-1.parquet", row_group_size=40)
     # another shard size
     other = make_plan([str(inp)], ColumnMap(), 40)
     assert other.resume_problem(json.loads(json.dumps(changed.to_json())), lambda n: True)
@@ -409,6 +399,20 @@ def test_resume_rules(tmp_path):
     grown = make_plan([str(inp)], ColumnMap(), 80)
     assert "adds shards" in grown.resume_problem(full, lambda n: True)
     assert grown.resume_problem(full, lambda n: not n.startswith("part-1")) is None
+    # rewritten at the very same size and row count (plain encoding, no compression): told apart by its
+    # footer, and by its modification time even when the footer is the same (same bytes re-uploaded)
+    plain = dict(compression="none", use_dictionary=False, row_group_size=40)
+    same = [dict(r, doc=r["doc"].replace("a", "b")) for r in shortlist_rows(8, 20, prefix="z")]
+    pq.write_table(pa.Table.from_pylist(same), inp / "part-1.parquet", **plain)
+    size = (inp / "part-1.parquet").stat().st_size
+    before_rewrite = json.loads(json.dumps(make_plan([str(inp)], ColumnMap(), 80).to_json()))
+    pq.write_table(pa.Table.from_pylist(shortlist_rows(8, 20, prefix="z")), inp / "part-1.parquet", **plain)
+    assert (inp / "part-1.parquet").stat().st_size == size
+    assert "part-1.parquet changed" in make_plan([str(inp)], ColumnMap(), 80).resume_problem(before_rewrite, lambda n: True)
+    again = json.loads(json.dumps(make_plan([str(inp)], ColumnMap(), 80).to_json()))
+    assert make_plan([str(inp)], ColumnMap(), 80).resume_problem(again, lambda n: True) is None  # untouched
+    os.utime(inp / "part-1.parquet", ns=(time.time_ns(), time.time_ns() + 10**9))  # the same bytes, re-uploaded
+    assert "part-1.parquet changed" in make_plan([str(inp)], ColumnMap(), 80).resume_problem(again, lambda n: True)
 
 
 def test_attempt_over_changed_content_leaves_no_stale_keys(tiny_model, tmp_path):

@@ -135,3 +135,9 @@ def test_a_two_class_head_is_scored_by_its_margin_and_more_classes_are_refused(t
     for load in (lambda: Engine.from_pretrained(nli, EngineConfig()), lambda: model_provenance(str(nli))):
         with pytest.raises(ValueError, match="3 labels \\(entailment, neutral, contradiction\\)"):
             load()
+
+    multi = _save(tmp_path, "multi", T.BertForSequenceClassification(
+        T.BertConfig(vocab_size=len(tok), max_position_embeddings=128, pad_token_id=0,
+                     **{**SHAPE, "num_labels": 2}, problem_type="multi_label_classification")), tok)
+    with pytest.raises(ValueError, match="two independent outputs"):  # two sigmoids: no one score to take
+        model_provenance(str(multi))

@@ -171,47 +171,63 @@ def _final(out) -> list[tuple]:
                       t["score"].to_pylist()))
 
 
+@pytest.mark.parametrize("ranking", ["driver", "ray tasks"])
 def test_damaged_work_files_are_named_and_the_named_remedy_restores_the_output(ray_local, tiny_bert, tmp_path,
-                                                                              capsys):
+                                                                              capsys, monkeypatch, ranking):
     """Work files lost or truncated after their shard committed: a missing key file once ranked its queries
     without those rows and wrote wrong final files that no rerun replaced; a truncated scored file or a missing
-    stats file failed every rerun with an error naming no file."""
-    inp = write_shortlists(tmp_path / "in", files=2, n_queries=6, per_query=10)
+    stats file failed every rerun with an error naming no file. Ranked as Ray tasks (big jobs), the error once
+    came back as an unpicklable traceback."""
+    import jobs.driver
+
+    if ranking == "ray tasks":
+        monkeypatch.setattr(jobs.driver, "LOCAL_RANK_ROWS", 0)
+    inp = write_shortlists(tmp_path / "in", files=2, n_queries=6, per_query=15)  # 4 shards of 45
     out = tmp_path / "out"
     code, err = _run(job_args(inp, out, tiny_bert, "--shard-rows", "60"), capsys)
     assert code == 0, err
     want = _final(out)
     shards = sorted(p.stem for p in (out / "_work" / "scored").glob("*.parquet"))
-    assert len(shards) >= 2
+    assert len(shards) >= 3  # one stays committed through every remedy
     work = out / "_work"
 
     def damaged(shard: str, what: str) -> None:
         code, err = _run(job_args(inp, out, tiny_bert, "--shard-rows", "60"), capsys)
         assert code == 1 and f"shard {shard}: " in err and what in err, err
         assert f"Delete {work / 'scored' / shard}.parquet and rerun" in err, err
+        assert "Traceback" not in err, err
         assert json.loads((out / "manifest.json").read_text())["status"] == "running"
 
-    def remedy(shard: str) -> None:
-        (work / "scored" / f"{shard}.parquet").unlink()
+    def remedy(*damaged_shards: str) -> None:
+        for shard in damaged_shards:
+            (work / "scored" / f"{shard}.parquet").unlink()
         code, err = _run(job_args(inp, out, tiny_bert, "--shard-rows", "60"), capsys)
-        assert code == 0 and "resuming: " in err, err
+        assert code == 0 and f"resuming: {len(shards) - len(damaged_shards)} of {len(shards)}" in err, err
         got = _final(out)
         assert [g[:3] for g in got] == [w[:3] for w in want]
         assert all(abs(g[3] - w[3]) < 1e-6 for g, w in zip(got, want))
+
+    (out / "scores" / f"{shards[1]}.parquet").unlink()  # as if killed before its final file
+    scored = work / "scored" / f"{shards[1]}.parquet"
+    scored.write_bytes(scored.read_bytes()[: scored.stat().st_size // 2])
+    damaged(shards[1], "cannot be read")  # found while ranking: in a Ray task for a big job
+    remedy(shards[1])
+    if ranking == "ray tasks":
+        return  # the rest is found by the driver before ranking, whichever way ranking then runs
 
     (work / "keys" / shards[0] / "b00000.parquet").unlink()
     damaged(shards[0], "b00000.parquet are missing")
     remedy(shards[0])
 
-    (out / "scores" / f"{shards[1]}.parquet").unlink()  # as if killed before its final file
-    scored = work / "scored" / f"{shards[1]}.parquet"
-    scored.write_bytes(scored.read_bytes()[: scored.stat().st_size // 2])
-    damaged(shards[1], "cannot be read")
-    remedy(shards[1])
-
-    (work / "stats" / f"{shards[0]}.json").unlink()
+    (work / "stats" / f"{shards[0]}.json").write_text('{"shard": ')  # truncated
     damaged(shards[0], "stats")
     remedy(shards[0])
+
+    for shard in shards[:2]:  # two at once: one error names both, so one round of deletes mends them
+        (work / "keys" / shard / "b00000.parquet").unlink()
+    code, err = _run(job_args(inp, out, tiny_bert, "--shard-rows", "60"), capsys)
+    assert code == 1 and "2 shards have damaged work files" in err and all(s in err for s in shards[:2]), err
+    remedy(*shards[:2])
 
 
 def test_a_fixed_file_keeps_the_bucket_count(tmp_path, monkeypatch):
@@ -238,3 +254,26 @@ def test_a_fixed_file_keeps_the_bucket_count(tmp_path, monkeypatch):
     grown = plan_mod.make_plan([str(inp)], ColumnMap(), 80)
     grown.keep_buckets(previous)
     assert grown.buckets == 10
+
+
+def test_a_new_score_rule_is_a_setting(tmp_path):
+    """Shards committed before the scoring rule changed (two-class margin, left truncation, pad positions) were
+    resumed beside shards scored under the new one: queries spanning both got scores on two scales."""
+    from jobs.layout import OutputLayout
+    from jobs.plan import make_plan
+    from jobs.rerank import OutputConflict, parse_args, prepare_output, scoring_options
+    from jobs.storage import locate
+    from kernels import SCORE_RULE
+    from schemas.contract import ColumnMap
+
+    inp = write_shortlists(tmp_path / "in", files=1)
+    args = parse_args(["--input", str(inp), "--output", str(tmp_path / "out"), "--model", "m"])
+    now = scoring_options(args, {"model": "m", "resolved_revision": "abc"})
+    assert now["score_rule"] == SCORE_RULE
+    layout = OutputLayout(locate(str(tmp_path / "out")))
+    before = {k: v for k, v in now.items() if k != "score_rule"}  # a plan.json written before the rule existed
+    prepare_output(layout, make_plan([str(inp)], ColumnMap(), 80), False, before)
+    (tmp_path / "out" / "_work" / "scored").mkdir()
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "out" / "_work" / "scored" / "part-0.parquet")
+    with pytest.raises(OutputConflict, match=f"score_rule: null then, {SCORE_RULE} now"):
+        prepare_output(layout, make_plan([str(inp)], ColumnMap(), 80), False, now)
