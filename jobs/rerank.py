@@ -166,7 +166,17 @@ def prepare_output(layout: OutputLayout, plan, overwrite: bool, options: dict | 
                              "against: pass --overwrite or use another --output")
     # Until this run ends, the manifest says so: a resume may rewrite shortlists and final files, and an
     # interrupted one must not leave the last run's "complete" beside them.
-    write_json({"status": "running", "started": mf.now(), "command": mf.command_line()}, layout.manifest)
+    running = {"status": "running", "started": mf.now(), "command": mf.command_line()}
+    if not overwrite and exists(layout.manifest):  # the last run's record, kept until this run ends
+        try:
+            last = read_json(layout.manifest)
+        except ValueError:
+            last = None
+        # An interrupted run's "running" record carries the last finished one: keep that, not a chain.
+        last = last.get("previous") if last and last.get("status") == "running" else last
+        if last:
+            running["previous"] = last
+    write_json(running, layout.manifest)
     removed = remove_temporaries(layout.root) if exists(layout.root) else 0
     if removed:
         print(f"removed {removed} half-written file(s) left by an interrupted run", file=sys.stderr)

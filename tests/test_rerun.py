@@ -139,7 +139,12 @@ def test_a_run_forgets_the_last_runs_complete_before_anything_else(tmp_path, ove
     (out / "manifest.json").write_text(json.dumps({"status": "complete"}))
     pq.write_table(pa.table({"shard": ["x"]}), out / "stats.parquet")
     prepare_output(layout, make_plan([str(inp)], ColumnMap(), 80), overwrite, {})
-    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "running"
+    # a resume keeps the last run's record until it ends (a rerun that then fails must not lose it)
+    assert manifest.get("previous") == (None if overwrite else {"status": "complete"})
+    prepare_output(layout, make_plan([str(inp)], ColumnMap(), 80), overwrite, {})  # interrupted, run again
+    assert json.loads((out / "manifest.json").read_text()).get("previous") == manifest.get("previous")
     assert (out / "stats.parquet").exists() != overwrite
     assert (out / "_work" / "plan.json").exists()
 
