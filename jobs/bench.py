@@ -466,7 +466,7 @@ class Bench:
             model = AutoModelForSequenceClassification.from_pretrained(name, attn_implementation="sdpa",
                                                                        dtype=torch.float32).eval()
             source, ce_path = name, name
-        limit = model_max_length(model.config, tok)
+        limit = model_max_length(model.config, tok, model)  # the engine's own limit, offsets read from the model
         bundle = ModelBundle(name=name, model=model, tokenizer=tok, max_length=min(max_length or limit, limit),
                              flops=bm.flop_model(model.config), source=source, build_s=time.perf_counter() - t0,
                              ce_path=ce_path)

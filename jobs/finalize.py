@@ -92,10 +92,6 @@ def _read_marker(done) -> dict | None:
         return None
 
 
-def _shard_of(key_file: str) -> str:
-    return key_file.rstrip("/").rsplit("/", 2)[-2]  # .../_work/keys/<shard>/b<bucket>.parquet
-
-
 def rank_bucket(output: str, bucket: int, key_files: list[str], shard_by_seq: dict[int, str], top_k: int | None,
                 activation: str = "identity") -> dict:
     layout = OutputLayout(locate(output))
@@ -111,7 +107,7 @@ def rank_bucket(output: str, bucket: int, key_files: list[str], shard_by_seq: di
         if marker.get("top_k") == top_k:
             return {**marker, "skipped": True}
     # One small file per shard with rows in this bucket (thousands on a big job): read and written concurrently.
-    tables = parallel(lambda u: layout.read_work(locate(u), _shard_of(u)), key_files)
+    tables = parallel(lambda u: layout.read_work(locate(u), layout.shard_of_key(u)), key_files)
     if not tables:
         marker = {"bucket": bucket, "rows": 0, "docs_collapsed": 0, "top_k": top_k}
         write_json(marker, done)

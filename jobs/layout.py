@@ -79,6 +79,11 @@ class OutputLayout:
     def keys(self, shard: str, bucket: int) -> Location:
         return self.root.child(WORK, "keys", shard, f"b{bucket:05d}.parquet")
 
+    @staticmethod
+    def shard_of_key(uri: str) -> str:
+        """The shard a `keys(shard, bucket)` file belongs to."""
+        return uri.rstrip("/").rsplit("/", 2)[-2]
+
     def positions(self, shard: str, bucket: int) -> Location:
         return self.root.child(WORK, "positions", shard, f"b{bucket:05d}.parquet")
 

@@ -130,8 +130,9 @@ def _same_file(before: dict | None, now: dict | None) -> bool:
 
 
 def footer_digest(meta: pq.FileMetaData) -> str:
-    """A hash of a file's Parquet footer: its row groups' byte sizes and column statistics change with its
-    content, so a file rewritten at the same size and row count is still told apart (no extra read)."""
+    """A hash of a file's Parquet footer (no extra read): its row groups' byte sizes and column statistics
+    change with most rewrites at the same size and row count, though not with every one (two equal-length
+    values swapped), which is why the modification time is compared too."""
     sink = pa.BufferOutputStream()
     meta.write_metadata_file(sink)
     return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16]

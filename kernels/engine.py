@@ -288,15 +288,8 @@ class Engine:
                 seq_lens = np.append(seq_lens, np.zeros(fixed - len(seq_lens), np.int64))
             cu = np.zeros(len(seq_lens) + 1, dtype=np.int32)
             np.cumsum(seq_lens, out=cu[1:])
-            positions = np.asarray(position_ids_for(seq_lens, self.config), np.int64)
-            pad = getattr(self.packed.config, "pad_token_id", None)
-            if getattr(self.packed.config, "family", None) == "roberta" and (ids[:real] == pad).any():
-                # HF RoBERTa numbers non-pad tokens only: a pad id typed in the text ("<pad>") keeps position
-                # padding_idx and shifts the tokens after it. Reproduce that, per sequence.
-                keep = (ids != pad).astype(np.int64)
-                run = np.concatenate([[0], np.cumsum(keep)])  # non-pad tokens before each flat position
-                run = run[1:] - np.repeat(run[cu[:-1]], seq_lens.astype(np.int64))
-                positions = np.where(keep == 1, run + pad, pad)
+            # The ids too: RoBERTa positions skip a pad token typed in the text, as HF's do.
+            positions = np.asarray(position_ids_for(seq_lens, self.config, ids), np.int64)
             t = {"input_ids": ids, "position_ids": positions, "cu_seqlens": cu}
             if use_types:
                 types = np.zeros(total, dtype=np.int64)

@@ -146,12 +146,14 @@ def from_hf(hf_model: nn.Module, attention: str = "auto") -> nn.Module:
     return PackedCrossEncoder.from_hf(hf_model, attention)
 
 
-def position_ids_for(lengths: np.ndarray | torch.Tensor, config) -> torch.Tensor:
+def position_ids_for(lengths: np.ndarray | torch.Tensor, config, input_ids: np.ndarray | None = None) -> torch.Tensor:
     """Position ids `[T]` (int64) for packed sequences of `lengths` (`[B]`, zeros allowed), concatenated.
 
     Each sequence counts from the family's first position: 0..L-1 for BERT, and padding_idx+1 ..
     padding_idx+L for RoBERTa/XLM-R, which is what HF derives from input_ids when a sequence holds no pad
-    token. `config` is a `transformers` config or a PackedConfig.
+    token. Given the flat `input_ids` (numpy path), RoBERTa/XLM-R follow HF exactly: a pad id inside the text
+    (a literal "<pad>") stays at padding_idx and the tokens after it count on from the last real one.
+    `config` is a `transformers` config or a PackedConfig.
 
     numpy in (the engine's CPU batch builder): a CPU tensor sharing the numpy result, no copy.
     Tensor in: a tensor on the same device. Raises ValueError if a position overflows the position table,
@@ -169,8 +171,15 @@ def position_ids_for(lengths: np.ndarray | torch.Tensor, config) -> torch.Tensor
     else:
         lengths = np.asarray(lengths, dtype=np.int64)
         starts = np.cumsum(lengths) - lengths  # [B]
-        pos = torch.from_numpy(np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths))
+        pos = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
         longest = int(lengths.max()) if lengths.size else 0
+        pad = cfg.pad_token_id
+        if input_ids is not None and getattr(cfg, "family", None) == "roberta" and (input_ids == pad).any():
+            keep = (input_ids != pad).astype(np.int64)
+            run = np.concatenate([[0], np.cumsum(keep)])  # non-pad tokens up to each flat position
+            counted = run[1:] - np.repeat(run[starts], lengths)  # ... within its sequence, itself included
+            pos = np.where(keep == 1, counted - 1, -1)  # + offset below: padding_idx + count; a pad: padding_idx
+        pos = torch.from_numpy(pos)
     if longest + offset > cfg.max_position_embeddings:
         raise ValueError(f"a sequence of {longest} tokens overflows {cfg.model_type}'s "
                          f"{cfg.max_position_embeddings}-row position table (first position {offset})")
