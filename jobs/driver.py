@@ -13,6 +13,7 @@ import ray
 
 from jobs.finalize import finish_shard, rank_bucket
 from jobs.layout import SCORES, SHORTLISTS, WORK, DamagedWork, OutputLayout
+from jobs.plan import shard_rows_of
 from jobs.pool import ActorPool, actor_resources
 from jobs.storage import delete_dir, delete_file, exists, read_json
 
@@ -54,7 +55,7 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
         n, resources = actor_resources(args.num_actors, spec.get("engine"))
         pool = ActorPool(spec, n, resources, max_retries=args.max_shard_retries,
                          recover=lambda shard: _committed_stats(layout, shard))
-        bar = _progress(sum(s["row_end"] - s["row_start"] for s in pending), args.quiet)
+        bar = _progress(sum(shard_rows_of(s) for s in pending), args.quiet)
 
         def on_done(stats: dict) -> None:
             mine = per_actor.setdefault(stats["actor"], [0, 0.0, 0.0])

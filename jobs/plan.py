@@ -1,12 +1,16 @@
 """Plan the job before any model loads: list input files, check their schemas, cut them into shards.
 
-A shard is a run of whole row groups of one file, at most `shard_rows` rows (one row group larger than
-that is a shard by itself). Its name comes from the file's name and path hash and its first row, never
-from data values, so a rerun maps every shard to the same output file.
+A file of `shard_rows` rows or more is cut into runs of whole row groups of at most `shard_rows` rows (one
+row group larger than that is a shard by itself). Smaller files are packed whole, consecutive in input
+order, into shards of at most `shard_rows` rows and MAX_FILES_PER_SHARD files: 20,000 files of 5,000 rows
+make 200 shards, not 20,000, each of which would write a key file per query bucket. A shard's name comes from
+its first file's name and path hash and its first row, never from data values, so a rerun maps every shard
+to the same output file.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from collections import Counter
@@ -20,26 +24,63 @@ from schemas.contract import ColumnMap, InputSchemaError, check_consistency, che
 
 KEY_ROWS_PER_BUCKET = 2_000_000  # rows of (query_id, doc_id, score, ...) one finalize task holds at once
 FILE_SEQ_BITS = 14  # shard seq = file index << 14 | shard within the file (see Shard.seq)
+# Files one shard may pack: each is a separate open (a round trip on an object store, run concurrently), and
+# a file that fails to read fails the rows of the others in its shard until it is mended.
+MAX_FILES_PER_SHARD = 256
+PLAN_FORMAT = 2  # plan.json's shape: 2 = shards made of parts (packed files); 1 had one file per shard
 
 
 @dataclass(frozen=True)
-class Shard:
-    name: str
-    # Orders rows globally (input-order tie breaks): file index << FILE_SEQ_BITS | shard index within the file,
-    # so fixing one file (an unreadable one is one shard until it is readable) renumbers no other file's shards.
-    seq: int
+class Part:
+    """Whole row groups of one input file: rows [row_start, row_end) of it."""
     uri: str
     path: str  # inside the filesystem
     row_groups: tuple[int, ...]
     row_start: int
     row_end: int
 
+
+@dataclass(frozen=True)
+class Shard:
+    name: str
+    # Orders rows globally (input-order tie breaks): first file's index << FILE_SEQ_BITS | shard index within
+    # that file, so fixing one file (an unreadable one is one shard until it is readable) renumbers no other
+    # file's shards.
+    seq: int
+    parts: tuple[Part, ...]  # in input order; more than one only when packing whole small files
+
+    @property
+    def uri(self) -> str:
+        return self.parts[0].uri
+
     @property
     def rows(self) -> int:
-        return self.row_end - self.row_start
+        return sum(p.row_end - p.row_start for p in self.parts)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"name": self.name, "seq": self.seq, "parts": [asdict(p) for p in self.parts]}
+
+
+def shard_rows_of(shard: dict) -> int:
+    """Rows of a shard as `Shard.to_dict` gives it."""
+    return sum(p["row_end"] - p["row_start"] for p in shard["parts"])
+
+
+def source_fields(shard: dict) -> dict:
+    """A shard's stats columns saying where its rows come from: its first input file and how many files it
+    reads; the row range within that file, or nulls for a shard of several whole files (plan.json has them)."""
+    parts = shard["parts"]
+    one = len(parts) == 1
+    return {"input_path": parts[0]["uri"], "input_files": len(parts),
+            "row_start": parts[0]["row_start"] if one else None, "row_end": parts[0]["row_end"] if one else None}
+
+
+def describe_shard(shard: dict) -> str:
+    """Where a shard's rows come from, for messages: "FILE rows A-B", or "N files from FIRST to LAST"."""
+    parts = shard["parts"]
+    if len(parts) == 1:
+        return f"{parts[0]['uri']} rows {parts[0]['row_start']}-{parts[0]['row_end']}"
+    return f"{len(parts)} whole files from {parts[0]['uri']} to {parts[-1]['uri']}"
 
 
 @dataclass
@@ -52,20 +93,22 @@ class Plan:
 
     def to_json(self) -> dict:
         """What OUT/_work/plan.json holds: enough for a rerun to tell whether it may resume."""
-        return {"fingerprint": self.fingerprint(), "buckets": self.buckets, "files": self.files,
-                "shards": [s.to_dict() for s in self.shards]}
+        return {"format": PLAN_FORMAT, "fingerprint": self.fingerprint(), "buckets": self.buckets,
+                "files": self.files, "shards": [s.to_dict() for s in self.shards]}
 
     def small_shards_warning(self, shard_rows: int) -> str | None:
-        """A shard never spans files, so many small files make many small shards, each writing a key file per
-        query bucket it touches (20,000 files at 100M rows: about a million key and positions files, and
-        ranking a bucket 14x slower than from a few shards). Said once, before any work."""
+        """Small files are packed into shards, but at most MAX_FILES_PER_SHARD of them, and only files whose
+        columns unify: past that, many small shards each write a key file per query bucket they touch (20,000
+        shards at 100M rows: about a million key and positions files, and ranking a bucket 14x slower than from a
+        few shards). Said once, before any work."""
         if len(self.shards) < 1000 or self.buckets < 2:
             return None
         mean = self.total_rows / len(self.shards)
         if mean * 10 > shard_rows:
             return None
         return (f"warning: {len(self.files):,} input files make {len(self.shards):,} shards of {mean:,.0f} rows on average "
-                f"(--shard-rows {shard_rows:,}); each writes a key file per query bucket ({self.buckets}), up to "
+                f"(--shard-rows {shard_rows:,}; a shard packs at most {MAX_FILES_PER_SHARD} whole files, and only "
+                f"files whose column types agree); each writes a key file per query bucket ({self.buckets}), up to "
                 f"{len(self.shards) * self.buckets:,} small files. Compacting the input into files of at least "
                 "--shard-rows rows makes the ranking pass much faster")
 
@@ -101,12 +144,14 @@ class Plan:
             return None  # nothing committed: every shard runs again and overwrites what it left
         if previous.get("buckets") != self.buckets:
             return f"queries hashed into {previous.get('buckets')} buckets then, {self.buckets} now"
+        if previous.get("format") != PLAN_FORMAT:
+            return "it was planned by an earlier crossrank, whose shards never packed files"
         for s in done:
-            cur = now[s["name"]]
-            if "files" not in previous or not _same_file(files_before.get(s["uri"]), files_now.get(s["uri"])):
-                return (f"{s['uri']} changed since shard {s['name']} was committed (its size, rows, Parquet footer "
-                        "or modification time differ; a re-upload of the same bytes counts too)")
-            if {k: cur[k] for k in s} != {**s, "row_groups": tuple(s["row_groups"])}:
+            for part in s["parts"]:
+                if not _same_file(files_before.get(part["uri"]), files_now.get(part["uri"])):
+                    return (f"{part['uri']} changed since shard {s['name']} was committed (its size, rows, Parquet "
+                            "footer or modification time differ; a re-upload of the same bytes counts too)")
+            if json.loads(json.dumps(now[s["name"]])) != s:  # as plan.json holds it: lists, not tuples
                 return f"shard {s['name']} covers other rows now"
         if len(done) == len(old_shards) and len(now) != len(old_shards):
             return "the earlier run had committed every shard, and this plan adds shards"
@@ -116,8 +161,9 @@ class Plan:
         h = hashlib.sha256()
         for f in self.files:
             h.update(f"{f['uri']}|{f['bytes']}|{f['rows']}|{f.get('footer')}|{f.get('mtime_ns')}\n".encode())
+        h.update(f"format {PLAN_FORMAT}\n".encode())
         for s in self.shards:
-            h.update(f"{s.name}|{s.row_start}|{s.row_end}\n".encode())
+            h.update((s.name + "".join(f"|{p.uri}:{p.row_start}-{p.row_end}" for p in s.parts) + "\n").encode())
         return h.hexdigest()[:16]
 
 
@@ -142,6 +188,46 @@ def shard_name(uri: str, row_start: int) -> str:
     stem = uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", stem)[:48] or "input"
     return f"{stem}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}-r{row_start:010d}"
+
+
+class _Packer:
+    """Packs whole small files, consecutive in input order, into shards of at most `shard_rows` rows and
+    MAX_FILES_PER_SHARD files. Only files whose Arrow schemas unify go together, so a shard's parts always
+    concatenate (a column int32 in one file and int64 in the next does; dictionary and plain strings do not)."""
+
+    def __init__(self, shards: list[Shard], shard_rows: int):
+        self.shards, self.shard_rows = shards, shard_rows
+        self.run: list[tuple[int, Part]] = []
+        self.rows = 0
+        self.schema: pa.Schema | None = None
+
+    def add(self, file_index: int, uri: str, loc: Location, meta: "Footer") -> None:
+        schema = self.schema
+        if self.run:
+            try:
+                schema = pa.unify_schemas([self.schema, meta.schema], promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                schema = None
+            if schema is None or self.rows + meta.num_rows > self.shard_rows or len(self.run) >= MAX_FILES_PER_SHARD:
+                self.flush()
+                schema = None
+        self.run.append((file_index, Part(uri, loc.path, tuple(range(len(meta.group_rows))), 0, meta.num_rows)))
+        self.rows += meta.num_rows
+        self.schema = schema or meta.schema
+
+    def flush(self) -> None:
+        if not self.run:
+            return
+        file_index, first = self.run[0]
+        name = shard_name(first.uri, 0) + (f"-p{len(self.run)}" if len(self.run) > 1 else "")
+        self.shards.append(Shard(name, file_index << FILE_SEQ_BITS, tuple(p for _, p in self.run)))
+        self.run, self.rows, self.schema = [], 0, None
+
+
+def kept_alone(previous: dict | None) -> frozenset[str]:
+    """The files an earlier plan.json recorded as unreadable, or kept alone since they were mended: they keep
+    a shard to themselves in every later run of the same output."""
+    return frozenset(f["uri"] for f in (previous or {}).get("files") or [] if f.get("error") or f.get("alone"))
 
 
 @dataclass(frozen=True)
@@ -171,8 +257,10 @@ def _footer(loc: Location) -> tuple[int | None, Footer | str]:
         return size, f"cannot read Parquet metadata ({type(e).__name__}: {e})"
 
 
-def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Location | None = None) -> Plan:
-    """`exclude`: the job's output folder, never read as input (it may sit inside an input folder)."""
+def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Location | None = None,
+              alone: frozenset[str] = frozenset()) -> Plan:
+    """`exclude`: the job's output folder, never read as input (it may sit inside an input folder). `alone`:
+    files never packed with others (those an earlier run of the same output could not read: `kept_alone`)."""
     listed = list_parquet_mtimes(inputs, exclude)
     files = [loc for loc, _ in listed]
     mtimes = {loc.uri: mtime for loc, mtime in listed}
@@ -198,20 +286,28 @@ def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Loca
 
     shards: list[Shard] = []
     file_rows = []
+    packer = _Packer(shards, shard_rows)
     for file_index, (uri, (loc, meta)) in enumerate(metas.items()):
         size = sizes[uri]
+        if isinstance(meta, str):  # unreadable: one shard that will fail with its error
+            packer.flush()
+            shards.append(Shard(shard_name(uri, 0), file_index << FILE_SEQ_BITS, (Part(uri, loc.path, (), 0, 0),)))
+            file_rows.append({"uri": uri, "bytes": size, "rows": None, "error": meta})
+            continue
+        file_rows.append({"uri": uri, "bytes": size, "rows": meta.num_rows, "footer": meta.digest,
+                          "mtime_ns": mtimes.get(uri), **({"alone": True} if uri in alone else {})})
+        # A file unreadable in an earlier run had a shard to itself: it keeps one (in every later run too), so
+        # mending it changes no other shard and the rerun resumes.
+        if meta.num_rows < shard_rows and uri not in alone:
+            packer.add(file_index, uri, loc, meta)
+            continue
+        packer.flush()
         first = len(shards)
 
         def add(start: int, groups: list[int], rows: int) -> None:
             seq = (file_index << FILE_SEQ_BITS) + len(shards) - first
-            shards.append(Shard(shard_name(uri, start), seq, uri, loc.path, tuple(groups), start, start + rows))
+            shards.append(Shard(shard_name(uri, start), seq, (Part(uri, loc.path, tuple(groups), start, start + rows),)))
 
-        if isinstance(meta, str):  # unreadable: one shard that will fail with its error
-            add(0, [], 0)
-            file_rows.append({"uri": uri, "bytes": size, "rows": None, "error": meta})
-            continue
-        file_rows.append({"uri": uri, "bytes": size, "rows": meta.num_rows, "footer": meta.digest,
-                          "mtime_ns": mtimes.get(uri)})
         start, groups, rows = 0, [], 0
         for g, n in enumerate(meta.group_rows):
             if groups and rows + n > shard_rows:
@@ -221,10 +317,11 @@ def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Loca
             rows += n
         if groups or meta.num_rows == 0:
             add(start, groups, rows)
+    packer.flush()
     per_file = max(Counter(s.uri for s in shards).values(), default=0)
     if per_file > 1 << FILE_SEQ_BITS or len(metas) >= 1 << (31 - FILE_SEQ_BITS):
         # Past the stable numbering's range (rows carry seq << 32 in an int64): number shards densely instead.
-        shards = [Shard(s.name, i, s.uri, s.path, s.row_groups, s.row_start, s.row_end) for i, s in enumerate(shards)]
+        shards = [Shard(s.name, i, s.parts) for i, s in enumerate(shards)]
     total = sum(s.rows for s in shards)
     buckets = max(1, min(1024, math.ceil(total / KEY_ROWS_PER_BUCKET)))
     return Plan(shards=shards, files=file_rows, buckets=buckets, total_rows=total,

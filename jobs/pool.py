@@ -30,6 +30,7 @@ from ray.exceptions import ObjectLostError, RayActorError, RayError, RayTaskErro
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from jobs.commit import commit_shard
+from jobs.plan import describe_shard, shard_rows_of, source_fields
 from jobs.worker import ShardWorker
 from kernels.loading import then_now
 
@@ -290,6 +291,5 @@ def _first_line(e: Exception) -> str:
 
 
 def _failed(shard: dict, attempts: int, error: str) -> dict:
-    return {"shard": shard["name"], "input_path": shard["uri"], "row_start": shard["row_start"],
-            "row_end": shard["row_end"], "status": "failed", "error": error, "attempts": attempts,
-            "rows_in": shard["row_end"] - shard["row_start"]}
+    return {"shard": shard["name"], **source_fields(shard), "source": describe_shard(shard), "status": "failed",
+            "error": error, "attempts": attempts, "rows_in": shard_rows_of(shard)}

@@ -12,21 +12,34 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.storage import locate
+from jobs.storage import locate, parallel
+
+
+def _read_part(part: dict) -> pa.Table:
+    """One part's row groups (an empty table with the file's schema for an empty part). An error names the
+    file (a shard may read hundreds), and so does a row count other than the plan's: the file changed since."""
+    try:
+        loc = locate(part["uri"])
+        with loc.fs.open_input_file(loc.path) as f:
+            pf = pq.ParquetFile(f)
+            table = pf.read_row_groups(list(part["row_groups"])) if part["row_groups"] else pf.schema_arrow.empty_table()
+    except Exception as e:
+        raise OSError(f"{part['uri']}: {type(e).__name__}: {e}") from e
+    if table.num_rows != part["row_end"] - part["row_start"]:
+        raise OSError(f"{part['uri']}: {table.num_rows} rows in row groups {list(part['row_groups'])}, but "
+                      f"{part['row_end'] - part['row_start']} when the job was planned: the file changed since")
+    return table
 
 
 def read_shard(shard: dict) -> pa.Table:
-    """The shard's row groups of its input file (an empty table with the file's schema for an empty shard)."""
-    loc = locate(shard["uri"])
-    with loc.fs.open_input_file(loc.path) as f:
-        pf = pq.ParquetFile(f)
-        if not shard["row_groups"]:
-            return pf.schema_arrow.empty_table()
-        return pf.read_row_groups(list(shard["row_groups"]))
+    """The shard's rows: its parts' row groups, read concurrently, in order. Planning packed only files whose
+    schemas unify, so the parts concatenate (a column int32 in one and int64 in another becomes int64)."""
+    tables = parallel(_read_part, shard["parts"])
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
 
 
 def _key(shard: dict) -> tuple:
-    return shard["name"], shard["uri"], tuple(shard["row_groups"])
+    return shard["name"], tuple((p["uri"], tuple(p["row_groups"])) for p in shard["parts"])
 
 
 class ShardReader:

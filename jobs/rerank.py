@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from jobs import manifest as mf
 from jobs.layout import REJECTS, SCORES, SHORTLISTS, WORK, DamagedWork, OutputLayout
-from jobs.plan import make_plan
+from jobs.plan import kept_alone, make_plan
 from jobs.storage import (
     delete_dir, delete_file, exists, locate, parallel, read_json, remove_temporaries, write_json, write_parquet,
 )
@@ -183,6 +183,18 @@ def prepare_output(layout: OutputLayout, plan, overwrite: bool, options: dict | 
     write_json({**plan.to_json(), "options": options}, layout.plan)
 
 
+def _unreadable_before(out, overwrite: bool) -> frozenset[str]:
+    """Input files the earlier run into this output could not read: they keep a shard to themselves, so that
+    mending one leaves every other shard as it was and the rerun resumes."""
+    layout = OutputLayout(out)
+    if overwrite or not exists(layout.plan):
+        return frozenset()
+    try:
+        return kept_alone(read_json(layout.plan))
+    except ValueError:  # prepare_output refuses it, with the reason
+        return frozenset()
+
+
 def check_engine_choice(args: argparse.Namespace) -> None:
     """--engine packed on an architecture it cannot run fails here, before Ray, not in every actor."""
     if args.engine != "packed":
@@ -214,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         out = locate(args.output)
         if out.fs.get_file_info(out.path).type == pafs.FileType.File:
             raise NotADirectoryError(f"--output {args.output} is a file; name a folder (it is created if missing)")
-        plan = make_plan(args.input, cols, args.shard_rows, exclude=out)
+        plan = make_plan(args.input, cols, args.shard_rows, exclude=out, alone=_unreadable_before(out, args.overwrite))
     except (InputSchemaError, FileNotFoundError, NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -272,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{len(result['failed'])} shard(s) failed; mend what each error names (or wait out a passing "
               "fault), then rerun the same command: it redoes only these", file=sys.stderr)
         for f in result["failed"]:
-            print(f"  {f['shard']} ({f['input_path']} rows {f['row_start']}-{f['row_end']}, "
-                  f"{f['attempts']} attempt(s)): {f['error']}", file=sys.stderr)
+            print(f"  {f['shard']} ({f['source']}, {f['attempts']} attempt(s)): {f['error']}", file=sys.stderr)
         return 1
     if not args.no_report:
         try:

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.commit import commit_shard, maybe_fail
+from jobs.plan import source_fields
 from jobs.read_ahead import ShardReader
 from schemas.contract import (
     DOC, FIRST_STAGE_RANK, QUERY, RESCORED, ROW, SCORE, ColumnMap, split_rejects, to_canonical,
@@ -79,16 +80,19 @@ class ShardWorker:
         reserved for this actor) once this shard's rows are in hand. Returns its stats so far and what its
         commit needs: {"scored": table, "rejected": table}."""
         t0 = time.perf_counter()
-        stats = {"shard": shard["name"], "input_path": shard["uri"], "row_start": shard["row_start"],
-                 "row_end": shard["row_end"], "attempts": attempt, "actor": self.name,
+        stats = {"shard": shard["name"], **source_fields(shard), "attempts": attempt, "actor": self.name,
                  "node": socket.gethostname(), **{k: v for k, v in self.engine.describe().items()
                                                   if k in ("device_name", "dtype", "engine", "attention", "compiled")}}
         table, _ = self.reader.read(shard)
         stats["read_s"] = time.perf_counter() - t0  # the wait for rows: near 0 when read ahead
         self.reader.read_ahead(read_ahead)
         stats["rows_in"] = table.num_rows
-        source_row = np.arange(shard["row_start"], shard["row_start"] + table.num_rows, dtype=np.int64)
-        accepted, rejected, _ = split_rejects(to_canonical(table, self.cols), source_row)
+        # Each row's file and row within it (read_shard checked each part's row count against the plan)
+        part_of = np.repeat(np.arange(len(shard["parts"]), dtype=np.int32),
+                            [p["row_end"] - p["row_start"] for p in shard["parts"]])
+        source_row = np.concatenate([np.arange(p["row_start"], p["row_end"], dtype=np.int64) for p in shard["parts"]])
+        accepted, rejected, _ = split_rejects(to_canonical(table, self.cols), source_row,
+                                              (part_of, [p["uri"] for p in shard["parts"]]))
 
         depth = self.spec.get("rerank_depth")
         rescore = np.ones(accepted.num_rows, dtype=bool)

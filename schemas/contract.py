@@ -33,8 +33,10 @@ OUTPUT_ADDED = pa.schema([
 DUPLICATE_OF = "duplicate_of"  # --dedupe-docs: the kept doc_id this passage's identical text collapsed into
 DUPLICATE_DOC_IDS = "duplicate_doc_ids"  # --dedupe-docs: on the kept row, the ids collapsed into it
 REJECT_REASON = "reject_reason"
-SOURCE_ROW = "source_row"  # row index within the input file, so a reject can be found at its source
-REJECTS_ADDED = pa.schema([pa.field(REJECT_REASON, pa.string()), pa.field(SOURCE_ROW, pa.int64())])
+SOURCE_FILE = "source_file"  # the input file a reject came from (a shard may pack several files)
+SOURCE_ROW = "source_row"  # row index within that file, so a reject can be found at its source
+REJECTS_ADDED = pa.schema([pa.field(REJECT_REASON, pa.string()), pa.field(SOURCE_FILE, pa.string()),
+                           pa.field(SOURCE_ROW, pa.int64())])
 # Working columns on rows between the job's phases, never in its outputs; prefixed so that no plausible
 # pass-through column is overwritten, and refused in the input like the columns above.
 ROW = "_crossrank_row"  # row index within the shard's scored file
@@ -42,7 +44,10 @@ SEQ = "_crossrank_seq"  # global input order: shard seq << 32 | row in shard (ti
 DOC_HASH = "_crossrank_doc_hash"  # 64-bit hash of the passage text (--dedupe-docs)
 
 STATS_SCHEMA = pa.schema([
-    ("shard", pa.string()), ("input_path", pa.string()), ("row_start", pa.int64()), ("row_end", pa.int64()),
+    # Where a shard's rows come from: its first input file, how many files it reads (more than one when whole
+    # small files are packed together), and its row range within input_path when it reads one file (else null).
+    ("shard", pa.string()), ("input_path", pa.string()), ("input_files", pa.int32()),
+    ("row_start", pa.int64()), ("row_end", pa.int64()),
     ("status", pa.string()), ("error", pa.string()), ("attempts", pa.int32()),
     ("rows_in", pa.int64()), ("rows_scored", pa.int64()), ("rows_rejected", pa.int64()),
     ("rows_not_rescored", pa.int64()), ("duplicate_pairs", pa.int64()), ("truncated_pairs", pa.int64()),
@@ -106,7 +111,7 @@ _EXPECTED = {
     FIRST_STAGE_SCORE: (_is_number, "float"), FIRST_STAGE_RANK: (pa.types.is_integer, "integer"),
     LABEL: (_is_number, "number"),
 }
-_OURS = {SCORE, RESCORED, RERANK_POSITION, REJECT_REASON, SOURCE_ROW, DUPLICATE_OF, DUPLICATE_DOC_IDS, ROW, SEQ, DOC_HASH}
+_OURS = {SCORE, RESCORED, RERANK_POSITION, REJECT_REASON, SOURCE_FILE, SOURCE_ROW, DUPLICATE_OF, DUPLICATE_DOC_IDS, ROW, SEQ, DOC_HASH}
 
 
 def check_file_schema(path: str, schema: pa.Schema, cols: ColumnMap) -> list[str]:
@@ -169,10 +174,12 @@ def to_canonical(table: pa.Table, cols: ColumnMap) -> pa.Table:
     return table
 
 
-def split_rejects(table: pa.Table, source_row: np.ndarray) -> tuple[pa.Table, pa.Table, np.ndarray]:
-    """(accepted rows, rejected rows with reason and source row, accepted rows' source rows).
+def split_rejects(table: pa.Table, source_row: np.ndarray, source_file: tuple[np.ndarray, list[str]] | None = None
+                  ) -> tuple[pa.Table, pa.Table, np.ndarray]:
+    """(accepted rows, rejected rows with reason, source file and source row, accepted rows' source rows).
 
-    `table` has canonical names. Every row lands in exactly one of the two tables.
+    `table` has canonical names; `source_file` is each row's index into a list of file names (one file when
+    not given). Every row lands in exactly one of the two tables.
     """
     n = table.num_rows
     reasons = np.full(n, None, dtype=object)
@@ -198,5 +205,8 @@ def split_rejects(table: pa.Table, source_row: np.ndarray) -> tuple[pa.Table, pa
     keep = pa.array(~bad)
     rejected = table.filter(pa.array(bad))
     rejected = rejected.append_column(REJECT_REASON, pa.array(reasons[bad].tolist(), pa.string()))
+    codes, names = source_file if source_file is not None else (np.zeros(n, np.int32), [None])
+    files = pa.DictionaryArray.from_arrays(pa.array(codes[bad], pa.int32()), pa.array(names, pa.string()))
+    rejected = rejected.append_column(SOURCE_FILE, files.cast(pa.string()))
     rejected = rejected.append_column(SOURCE_ROW, pa.array(source_row[bad], pa.int64()))
     return table.filter(keep), rejected, source_row[~bad]

@@ -127,6 +127,7 @@ def test_every_row_scored_or_rejected_with_its_reason(corpus, corpus_run):
             assert case in got_rejected, f"{case!r} was not rejected"
             assert got_rejected[case]["reject_reason"] == expected, (case, got_rejected[case]["reject_reason"])
             assert got_rejected[case]["source_row"] == i, case
+            assert got_rejected[case]["source_file"] == str(corpus / "nasty.parquet"), case
     assert len(got_scored) + len(got_rejected) == n
     dup = [r for r in scored.to_pylist() if r["doc_id"] == "d-dup"]
     assert len(dup) == 2 and dup[0]["score"] == dup[1]["score"]
@@ -143,8 +144,12 @@ def test_every_row_scored_or_rejected_with_its_reason(corpus, corpus_run):
     assert nasty["rows_in"] == n
     assert nasty["rows_rejected"] == sum(1 for c in CASES if c[-1] != "scored")
     assert nasty["truncated_pairs"] >= 1 and nasty["duplicate_pairs"] >= 1
-    empty = next(s for s in stats.values() if s["input_path"].endswith("zero-rows.parquet"))
-    assert empty["status"] == "ok" and empty["rows_in"] == 0
+    # the empty file (same columns) is packed with the one before it; the categorical one's do not combine
+    assert nasty["status"] == "ok" and nasty["input_files"] == 2 and len(stats) == 2
+    plan = json.loads((out / "_work" / "plan.json").read_text())
+    parts = next(s["parts"] for s in plan["shards"] if s["name"] == nasty["shard"])
+    assert [p["uri"].rsplit("/", 1)[-1] for p in parts] == ["nasty.parquet", "zero-rows.parquet"]
+    assert parts[1]["row_end"] == 0
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ def test_a_model_is_known_by_its_files_and_columns_are_settings(ray_local, tiny_
     inp = tmp_path / "in"
     inp.mkdir()
     for f in range(2):
-        t = pa.Table.from_pylist(shortlist_rows(3, 10, prefix=f"f{f}q", seed=f)).rename_columns(
+        t = pa.Table.from_pylist(shortlist_rows(9, 10, prefix=f"f{f}q", seed=f)).rename_columns(  # 90 rows: unpacked
             ["query_id", "query", "doc_id", "passage", "first_stage_score"])
         pq.write_table(t.append_column("passage_clean", pc.utf8_upper(t["passage"])), inp / f"part-{f}.parquet")
     model = tmp_path / "model"

@@ -49,7 +49,7 @@ def test_shards_split_files_by_row_groups(tmp_path):
                              "doc": ["d"] * 100}), f, row_group_size=10)
     plan = make_plan([str(tmp_path)], ColumnMap(), 25)
     assert [s.rows for s in plan.shards] == [20, 20, 20, 20, 20]
-    assert plan.shards[1].row_start == 20 and len({s.name for s in plan.shards}) == 5
+    assert plan.shards[1].parts[0].row_start == 20 and len({s.name for s in plan.shards}) == 5
 
 
 def test_split_rejects_reasons_and_rows():
@@ -69,11 +69,11 @@ def test_split_rejects_reasons_and_rows():
 
 
 def test_many_small_files_are_called_out_before_any_work():
-    """A shard never spans files: 20,000 small files at 100M rows meant ~1M key files, and nothing said so."""
-    from jobs.plan import Plan, Shard
+    """Shards that stay small (files that cannot pack): 20,000 of them at 100M rows meant ~1M key files."""
+    from jobs.plan import Part, Plan, Shard
 
     def plan(files: int, rows_each: int, buckets: int) -> Plan:
-        shards = [Shard(f"f{i}-r0", i << 20, f"/in/f{i}.parquet", f"/in/f{i}.parquet", (0,), 0, rows_each)
+        shards = [Shard(f"f{i}-r0", i << 20, (Part(f"/in/f{i}.parquet", f"/in/f{i}.parquet", (0,), 0, rows_each),))
                   for i in range(files)]
         return Plan(shards=shards, files=[{"uri": s.uri, "bytes": 1, "rows": rows_each} for s in shards],
                     buckets=buckets, total_rows=files * rows_each, columns={})

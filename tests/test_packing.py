@@ -1,0 +1,191 @@
+"""Whole small files packed into shards: 20,000 files of 5,000 rows made 20,000 shards (and about a million key
+and positions files at 100 query buckets). Packing must change nothing a user sees but the shard count:
+the same scores and positions, rejects still traced to their file and row, reruns still resume."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import assert_each_row_once, job_args, read_dir, shortlist_rows
+from jobs.plan import kept_alone, make_plan
+from jobs.rerank import main
+from schemas.contract import ColumnMap
+
+
+def _small_files(folder, sizes: list[int], prefix: str = "f") -> list[str]:
+    """One file per size, each its own queries (5 candidates a query), named in input order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, n in enumerate(sizes):
+        rows = shortlist_rows(max(1, n // 5), 5, prefix=f"{prefix}{i}q", seed=i)[:n]
+        name = folder / f"{prefix}-{i:03d}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows, schema=_SCHEMA), name, row_group_size=4)
+        names.append(str(name))
+    return names
+
+
+_SCHEMA = pa.schema([("query_id", pa.string()), ("query", pa.string()), ("doc_id", pa.string()),
+                     ("doc", pa.string()), ("first_stage_score", pa.float64())])
+
+
+def _files_of(plan) -> list[list[str]]:
+    return [[os.path.basename(p.uri) for p in s.parts] for s in plan.shards]
+
+
+def test_small_files_pack_whole_in_input_order(tmp_path):
+    _small_files(tmp_path, [20] * 6 + [100] + [20, 0, 20])
+    plan = make_plan([str(tmp_path)], ColumnMap(), 50)
+    # 20+20 fits 50, a third would not; the 100-row file is cut on its own (row groups of 4 rows: 48+48+4);
+    # the empty file packs with its neighbours
+    assert _files_of(plan) == [["f-000.parquet", "f-001.parquet"], ["f-002.parquet", "f-003.parquet"],
+                               ["f-004.parquet", "f-005.parquet"], ["f-006.parquet"], ["f-006.parquet"],
+                               ["f-006.parquet"], ["f-007.parquet", "f-008.parquet", "f-009.parquet"]]
+    assert [s.rows for s in plan.shards] == [40, 40, 40, 48, 48, 4, 40] and plan.total_rows == 260
+    whole = {f["uri"]: f["rows"] for f in plan.files}
+    assert all(p.row_start == 0 and p.row_end == whole[p.uri] for s in plan.shards if len(s.parts) > 1 for p in s.parts)
+    assert [s.seq for s in plan.shards] == sorted(s.seq for s in plan.shards) and len({s.name for s in plan.shards}) == 7
+    assert plan.shards[0].name.endswith("-p2") and not plan.shards[3].name.endswith(("-p1", "-p2"))
+    # a file of exactly --shard-rows rows, or more, is never packed
+    assert _files_of(make_plan([str(tmp_path)], ColumnMap(), 20))[:2] == [["f-000.parquet"], ["f-001.parquet"]]
+
+
+def test_packing_stops_at_the_file_cap_and_at_schemas_that_do_not_combine(tmp_path, monkeypatch):
+    import jobs.plan as plan_mod
+
+    names = _small_files(tmp_path, [3] * 7)
+    monkeypatch.setattr(plan_mod, "MAX_FILES_PER_SHARD", 3)
+    assert [len(s.parts) for s in make_plan([str(tmp_path)], ColumnMap(), 1000).shards] == [3, 3, 1]
+    monkeypatch.undo()
+    # float32 beside float64 scores combine (promoted); a dictionary-encoded doc column beside a plain one does not
+    t = pq.read_table(names[2])
+    pq.write_table(t.set_column(4, "first_stage_score", t["first_stage_score"].cast(pa.float32())), names[2])
+    t = pq.read_table(names[4])
+    pq.write_table(t.set_column(3, "doc", t["doc"].dictionary_encode()), names[4])
+    assert [[os.path.basename(p.uri)[2:5] for p in s.parts] for s in make_plan([str(tmp_path)], ColumnMap(), 1000).shards] \
+        == [["000", "001", "002", "003"], ["004"], ["005", "006"]]
+
+
+def test_a_mended_file_keeps_its_own_shard_so_the_rerun_resumes(tmp_path):
+    """A file unreadable at the first run had a shard to itself. Mended, it would pack with its neighbours and
+    change their shards, and the rerun would refuse to resume. Kept alone, nothing else changes."""
+    _small_files(tmp_path, [20] * 4)
+    broken = tmp_path / "f-001b.parquet"  # sorts between f-001 and f-002
+    broken.write_bytes(b"PAR1 cut short")
+    before = make_plan([str(tmp_path)], ColumnMap(), 100)
+    assert _files_of(before) == [["f-000.parquet", "f-001.parquet"], ["f-001b.parquet"], ["f-002.parquet", "f-003.parquet"]]
+    previous = json.loads(json.dumps(before.to_json()))
+    committed = {s.name for s in before.shards if "f-001b" not in s.name}
+    pq.write_table(pa.Table.from_pylist(shortlist_rows(4, 5, prefix="m"), schema=_SCHEMA), broken)
+
+    naive = make_plan([str(tmp_path)], ColumnMap(), 100)  # without the earlier plan it packs everything
+    assert _files_of(naive) == [["f-000.parquet", "f-001.parquet", "f-001b.parquet", "f-002.parquet", "f-003.parquet"]]
+    assert naive.resume_problem(previous, committed.__contains__)
+
+    assert kept_alone(previous) == {str(broken)}
+    after = make_plan([str(tmp_path)], ColumnMap(), 100, alone=kept_alone(previous))
+    assert _files_of(after) == _files_of(before) and after.resume_problem(previous, committed.__contains__) is None
+    assert [s.to_dict() for s in after.shards if s.name in committed] == \
+        [s.to_dict() for s in before.shards if s.name in committed]
+    # and in every run after that (a new --top-k, say): the mended file is remembered as kept alone
+    later = make_plan([str(tmp_path)], ColumnMap(), 100, alone=kept_alone(json.loads(json.dumps(after.to_json()))))
+    assert _files_of(later) == _files_of(before) and later.fingerprint() == after.fingerprint()
+
+
+def test_a_plan_of_an_earlier_format_is_not_resumed(tmp_path):
+    _small_files(tmp_path, [20, 20])
+    plan = make_plan([str(tmp_path)], ColumnMap(), 100)
+    old = {**json.loads(json.dumps(plan.to_json())), "format": None, "fingerprint": "old"}
+    assert "earlier crossrank" in plan.resume_problem(old, lambda n: True)
+    assert plan.resume_problem(old, lambda n: False) is None  # nothing committed: every shard runs again
+
+
+def test_a_packed_shard_names_the_file_that_changed_under_it(tiny_model, tmp_path):
+    """A shard reads hundreds of files: an error must say which one."""
+    from jobs.rerank import job_spec, parse_args
+    from jobs.worker import ShardWorker
+
+    names = _small_files(tmp_path / "in", [10, 10, 10])
+    shard = make_plan([str(tmp_path / "in")], ColumnMap(), 100).shards[0].to_dict()
+    assert len(shard["parts"]) == 3
+    worker = ShardWorker(job_spec(parse_args(job_args(tmp_path / "in", tmp_path / "out", tiny_model, "--device", "cpu"))))
+    os.remove(names[2])
+    with pytest.raises(OSError, match=r"f-002.parquet: FileNotFoundError"):
+        worker.score_shard(shard)
+    pq.write_table(pq.read_table(names[1]).slice(0, 7), names[1], row_group_size=2)  # groups 0-2 now hold 6 rows
+    with pytest.raises(OSError, match=r"f-001.parquet: 6 rows in row groups \[0, 1, 2\], but 10 when the job was planned"):
+        worker.score_shard(shard)
+
+
+def _by_pair(out) -> dict[tuple, tuple]:
+    t = read_dir(out / "scores")
+    return {(q, d): (s, p, r) for q, d, s, p, r in zip(t["query_id"].to_pylist(), t["doc_id"].to_pylist(),
+                                                        t["score"].to_pylist(), t["rerank_position"].to_pylist(),
+                                                        t["first_stage_rank"].to_pylist())}
+
+
+def test_packed_and_unpacked_jobs_agree_row_for_row(ray_local, tiny_model, tmp_path, capsys):
+    """The same input with packing (--shard-rows 60: three or so files a shard) and without (--shard-rows 5:
+    every file at least that long is cut on its own): the same scores, positions and first-stage ranks, and
+    the same rejects, each with the file and row it came from. One query spans two files."""
+    inp = tmp_path / "in"
+    _small_files(inp, [20, 15, 0, 20, 10])
+    split = pa.Table.from_pylist(shortlist_rows(2, 6, prefix="split", seed=9), schema=_SCHEMA)
+    pq.write_table(split.slice(0, 7), inp / "f-002x.parquet")  # query split0's candidates 0-5, split1's 0
+    bad = split.slice(7).to_pylist()
+    bad[1]["query"], bad[3]["doc"] = None, "  "
+    pq.write_table(pa.Table.from_pylist(bad, schema=_SCHEMA), inp / "f-002y.parquet")  # split1's 1-5, two bad
+
+    packed_out, single_out = tmp_path / "packed", tmp_path / "single"
+    assert main(job_args(inp, packed_out, tiny_model, "--shard-rows", "60")) == 0, capsys.readouterr().err
+    assert main(job_args(inp, single_out, tiny_model, "--shard-rows", "5")) == 0, capsys.readouterr().err
+    for out in (packed_out, single_out):
+        assert_each_row_once(inp, out)
+
+    stats = pq.read_table(packed_out / "stats.parquet").to_pylist()
+    assert max(s["input_files"] for s in stats) >= 3 and len(stats) < len(pq.read_table(single_out / "stats.parquet"))
+    assert all((s["row_start"] is None) == (s["input_files"] > 1) for s in stats)
+    packed, single = _by_pair(packed_out), _by_pair(single_out)
+    assert packed.keys() == single.keys() and len(packed) == 75
+    for k in packed:
+        np.testing.assert_allclose(packed[k][0], single[k][0], rtol=0, atol=1e-5)
+        assert packed[k][1:] == single[k][1:], k
+    assert sorted(p for (q, _), (_, p, _) in packed.items() if q == "split1") == [1, 2, 3, 4]  # across files
+
+    rejects = read_dir(packed_out / "rejects")
+    got = sorted(zip(rejects["source_file"].to_pylist(), rejects["source_row"].to_pylist(),
+                     rejects["reject_reason"].to_pylist()))
+    assert got == [(str(inp / "f-002y.parquet"), 1, "query is null"),
+                   (str(inp / "f-002y.parquet"), 3, "doc is empty or whitespace")]
+    single_rejects = read_dir(single_out / "rejects")
+    assert sorted(zip(single_rejects["source_file"].to_pylist(), single_rejects["source_row"].to_pylist())) == \
+        [(f, r) for f, r, _ in got]
+
+
+def test_a_broken_file_among_small_ones_is_redone_alone(ray_local, tiny_model, tmp_path, capsys):
+    """The job with an unreadable small file fails only that file's shard; once it is mended, the rerun scores
+    just that file and leaves every packed shard as it was committed."""
+    inp = tmp_path / "in"
+    _small_files(inp, [10, 10, 10, 10])
+    broken = inp / "f-001b.parquet"
+    broken.write_bytes(b"PAR1 cut short")
+    out = tmp_path / "out"
+    assert main(job_args(inp, out, tiny_model, "--shard-rows", "100")) == 1
+    err = capsys.readouterr().err
+    assert "1 shard(s) failed" in err and "f-001b.parquet" in err, err
+    committed = {p.name: p.stat().st_mtime_ns for p in (out / "_work" / "scored").glob("*.parquet")}
+    assert len(committed) == 2 and all(n.endswith("-p2.parquet") for n in committed)
+
+    pq.write_table(pa.Table.from_pylist(shortlist_rows(2, 5, prefix="m"), schema=_SCHEMA), broken)
+    code = main(job_args(inp, out, tiny_model, "--shard-rows", "100"))
+    err = capsys.readouterr().err
+    assert code == 0 and "resuming: 2 of 3 shard(s) already committed" in err, err
+    assert all((out / "_work" / "scored" / n).stat().st_mtime_ns == t for n, t in committed.items())
+    assert_each_row_once(inp, out)
+    code = main(job_args(inp, out, tiny_model, "--shard-rows", "100", "--top-k", "2"))  # any later rerun resumes too
+    assert code == 0, capsys.readouterr().err
+    assert all((out / "_work" / "scored" / n).stat().st_mtime_ns == t for n, t in committed.items())
