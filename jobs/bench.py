@@ -460,11 +460,11 @@ class Bench:
             model = bm.build_model(name, tok, seed=self.seed, init_device=init)
             source, ce_path = "random", None
         else:
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+            from kernels.loading import load_model
 
-            tok = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForSequenceClassification.from_pretrained(name, attn_implementation="sdpa",
-                                                                       dtype=torch.float32).eval()
+            # The job's own loader: SDPA where transformers has it, else eager (DeBERTa-v2/v3, MPNet)
+            loaded = load_model(name, device=torch.device("cpu"), dtype=torch.float32)
+            tok, model = loaded.tokenizer, loaded.model
             source, ce_path = name, name
         limit = model_max_length(model.config, tok, model)  # the engine's own limit, offsets read from the model
         bundle = ModelBundle(name=name, model=model, tokenizer=tok, max_length=min(max_length or limit, limit),

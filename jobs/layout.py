@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from jobs.storage import Location, list_dir, list_files, read_parquet
+from jobs.storage import Location, delete_dir, delete_file, list_dir, list_files, read_parquet
 
 SCORES = "scores"  # final rescored shards, one file per input shard
 REJECTS = "rejects"  # rows that could not be scored, with reject_reason
@@ -66,6 +66,13 @@ class OutputLayout:
             return read_parquet(loc)
         except (FileNotFoundError, pa.ArrowInvalid) as e:  # gone or corrupt; a storage timeout is not damage
             raise DamagedWork(self, shard, f"{loc.uri} cannot be read ({type(e).__name__}: {e})") from e
+
+    def delete_shard(self, shard: str) -> None:
+        """Everything a shard may have left: its final, rejects, scored and stats files, keys and positions."""
+        for loc in (self.scores(shard), self.rejects(shard), self.scored(shard), self.shard_stats(shard)):
+            delete_file(loc)
+        for loc in (self.keys_dir(shard), self.positions_dir(shard)):
+            delete_dir(loc)
 
     def key_files(self) -> dict[str, dict[int, Location]]:
         """Each shard's key files by query bucket (those it has rows in), from one recursive listing."""

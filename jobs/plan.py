@@ -19,6 +19,7 @@ from dataclasses import dataclass, asdict
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.packing import combined_schema
 from jobs.storage import Location, list_parquet_mtimes, parallel
 from schemas.contract import ColumnMap, InputSchemaError, check_consistency, check_file_schema
 
@@ -38,6 +39,7 @@ class Part:
     row_groups: tuple[int, ...]
     row_start: int
     row_end: int
+    error: str | None = None  # its footer could not be read at planning: the shard fails, naming this
 
 
 @dataclass(frozen=True)
@@ -123,12 +125,12 @@ class Plan:
     def resume_problem(self, previous: dict, committed) -> str | None:
         """Why the work of `previous` (a plan.json) cannot be resumed under this plan; None when it can.
 
-        `committed(name)` says whether a shard's scored output exists. Resuming is safe when every shard of the
-        previous plan is still planned (so nothing it left is orphaned), every committed one is the very same
-        shard (same file with the same size and rows, same row groups, same place in the global order), queries
-        hash into as many buckets, and shards are added only while some previous shard is still uncommitted
-        (once all were, the cross-shard ranking may be done). So a rerun after an unreadable file is fixed
-        redoes only that file.
+        `committed(name)` says whether a shard's scored output exists. Resuming is safe when every committed
+        shard of the previous plan is still planned as the very same shard (same files with the same size and
+        rows, same row groups, same place in the global order), queries hash into as many buckets, and shards
+        are added only while some previous shard is still uncommitted (once all were, the cross-shard ranking
+        may be done). Uncommitted shards may go (a mended file packs differently): `gone_shards` names them, and
+        what they left is deleted. So a rerun after an unreadable file is fixed redoes only that file.
         """
         if previous.get("fingerprint") == self.fingerprint():
             return None
@@ -136,16 +138,16 @@ class Plan:
         files_before = {f["uri"]: f for f in previous.get("files") or []}
         files_now = {f["uri"]: f for f in self.files}
         old_shards = previous.get("shards") or []
-        missing = [s["name"] for s in old_shards if s["name"] not in now]
-        if missing:  # its outputs (rejects of a failed attempt, say) would be left over
-            return f"shard {missing[0]} of the earlier run is not in this plan"
         done = [s for s in old_shards if committed(s["name"])]
         if not done:
             return None  # nothing committed: every shard runs again and overwrites what it left
-        if previous.get("buckets") != self.buckets:
-            return f"queries hashed into {previous.get('buckets')} buckets then, {self.buckets} now"
         if previous.get("format") != PLAN_FORMAT:
             return "it was planned by an earlier crossrank, whose shards never packed files"
+        gone = [s["name"] for s in done if s["name"] not in now]
+        if gone:
+            return f"shard {gone[0]}, committed by the earlier run, is not in this plan"
+        if previous.get("buckets") != self.buckets:
+            return f"queries hashed into {previous.get('buckets')} buckets then, {self.buckets} now"
         for s in done:
             for part in s["parts"]:
                 if not _same_file(files_before.get(part["uri"]), files_now.get(part["uri"])):
@@ -156,6 +158,12 @@ class Plan:
         if len(done) == len(old_shards) and len(now) != len(old_shards):
             return "the earlier run had committed every shard, and this plan adds shards"
         return None
+
+    def gone_shards(self, previous: dict) -> list[str]:
+        """Shards of the previous plan that this one no longer has (uncommitted, once resume_problem allowed
+        the resume): their leftovers (rejects of a failed attempt, keys, stats) must be deleted."""
+        now = {s.name for s in self.shards}
+        return [s["name"] for s in previous.get("shards") or [] if s["name"] not in now]
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -192,28 +200,29 @@ def shard_name(uri: str, row_start: int) -> str:
 
 class _Packer:
     """Packs whole small files, consecutive in input order, into shards of at most `shard_rows` rows and
-    MAX_FILES_PER_SHARD files. Only files whose Arrow schemas unify go together, so a shard's parts always
-    concatenate (a column int32 in one file and int64 in the next does; dictionary and plain strings do not)."""
+    MAX_FILES_PER_SHARD files, while their schemas combine without changing a value (jobs/packing.py), and,
+    when resuming, only files that shared a shard in the earlier plan (`group`): a file mended or added since
+    then changes no other shard, so no committed one."""
 
     def __init__(self, shards: list[Shard], shard_rows: int):
         self.shards, self.shard_rows = shards, shard_rows
         self.run: list[tuple[int, Part]] = []
         self.rows = 0
         self.schema: pa.Schema | None = None
+        self.group: str | None = None
 
-    def add(self, file_index: int, uri: str, loc: Location, meta: "Footer") -> None:
-        schema = self.schema
-        if self.run:
-            try:
-                schema = pa.unify_schemas([self.schema, meta.schema], promote_options="permissive")
-            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-                schema = None
-            if schema is None or self.rows + meta.num_rows > self.shard_rows or len(self.run) >= MAX_FILES_PER_SHARD:
-                self.flush()
-                schema = None
-        self.run.append((file_index, Part(uri, loc.path, tuple(range(len(meta.group_rows))), 0, meta.num_rows)))
-        self.rows += meta.num_rows
-        self.schema = schema or meta.schema
+    def add(self, file_index: int, part: Part, schema: pa.Schema, group: str | None) -> None:
+        combined = combined_schema(self.schema, schema) if self.run else None
+        if self.run and (combined is None or group != self.group or self.rows + part.row_end > self.shard_rows
+                         or len(self.run) >= MAX_FILES_PER_SHARD):
+            self.flush()
+        if not self.run:
+            combined = combined_schema(schema, schema)
+        self.run.append((file_index, part))
+        self.rows += part.row_end
+        self.schema, self.group = combined, group
+        if combined is None:  # a column that cannot be packed safely (see jobs/packing.py): a shard of its own
+            self.flush()
 
     def flush(self) -> None:
         if not self.run:
@@ -221,13 +230,17 @@ class _Packer:
         file_index, first = self.run[0]
         name = shard_name(first.uri, 0) + (f"-p{len(self.run)}" if len(self.run) > 1 else "")
         self.shards.append(Shard(name, file_index << FILE_SEQ_BITS, tuple(p for _, p in self.run)))
-        self.run, self.rows, self.schema = [], 0, None
+        self.run, self.rows, self.schema, self.group = [], 0, None, None
 
 
-def kept_alone(previous: dict | None) -> frozenset[str]:
-    """The files an earlier plan.json recorded as unreadable, or kept alone since they were mended: they keep
-    a shard to themselves in every later run of the same output."""
-    return frozenset(f["uri"] for f in (previous or {}).get("files") or [] if f.get("error") or f.get("alone"))
+def earlier_groups(earlier: dict | None) -> dict[str, str]:
+    """Each input file's shard in an earlier plan.json (its first, for a file cut into several)."""
+    groups: dict[str, str] = {}
+    if earlier and earlier.get("format") == PLAN_FORMAT:
+        for shard in earlier.get("shards") or []:
+            for part in shard["parts"]:
+                groups.setdefault(part["uri"], shard["name"])
+    return groups
 
 
 @dataclass(frozen=True)
@@ -258,9 +271,9 @@ def _footer(loc: Location) -> tuple[int | None, Footer | str]:
 
 
 def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Location | None = None,
-              alone: frozenset[str] = frozenset()) -> Plan:
-    """`exclude`: the job's output folder, never read as input (it may sit inside an input folder). `alone`:
-    files never packed with others (those an earlier run of the same output could not read: `kept_alone`)."""
+              earlier: dict | None = None) -> Plan:
+    """`exclude`: the job's output folder, never read as input (it may sit inside an input folder).
+    `earlier`: the plan.json of the run this one resumes; only files that shared a shard in it share one now."""
     listed = list_parquet_mtimes(inputs, exclude)
     files = [loc for loc, _ in listed]
     mtimes = {loc.uri: mtime for loc, mtime in listed}
@@ -287,19 +300,19 @@ def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Loca
     shards: list[Shard] = []
     file_rows = []
     packer = _Packer(shards, shard_rows)
+    packed_before = earlier_groups(earlier)
     for file_index, (uri, (loc, meta)) in enumerate(metas.items()):
         size = sizes[uri]
         if isinstance(meta, str):  # unreadable: one shard that will fail with its error
             packer.flush()
-            shards.append(Shard(shard_name(uri, 0), file_index << FILE_SEQ_BITS, (Part(uri, loc.path, (), 0, 0),)))
+            shards.append(Shard(shard_name(uri, 0), file_index << FILE_SEQ_BITS, (Part(uri, loc.path, (), 0, 0, meta),)))
             file_rows.append({"uri": uri, "bytes": size, "rows": None, "error": meta})
             continue
         file_rows.append({"uri": uri, "bytes": size, "rows": meta.num_rows, "footer": meta.digest,
-                          "mtime_ns": mtimes.get(uri), **({"alone": True} if uri in alone else {})})
-        # A file unreadable in an earlier run had a shard to itself: it keeps one (in every later run too), so
-        # mending it changes no other shard and the rerun resumes.
-        if meta.num_rows < shard_rows and uri not in alone:
-            packer.add(file_index, uri, loc, meta)
+                          "mtime_ns": mtimes.get(uri)})
+        if meta.num_rows < shard_rows:
+            whole = Part(uri, loc.path, tuple(range(len(meta.group_rows))), 0, meta.num_rows)
+            packer.add(file_index, whole, meta.schema, packed_before.get(uri))
             continue
         packer.flush()
         first = len(shards)

@@ -12,12 +12,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.packing import concat_parts
 from jobs.storage import locate, parallel
 
 
 def _read_part(part: dict) -> pa.Table:
     """One part's row groups (an empty table with the file's schema for an empty part). An error names the
     file (a shard may read hundreds), and so does a row count other than the plan's: the file changed since."""
+    if part.get("error"):  # even if it reads now: planned as 0 rows, its rows would be lost
+        raise OSError(f"{part['uri']}: {part['error']} when the job was planned; rerun once it is mended")
     try:
         loc = locate(part["uri"])
         with loc.fs.open_input_file(loc.path) as f:
@@ -32,10 +35,10 @@ def _read_part(part: dict) -> pa.Table:
 
 
 def read_shard(shard: dict) -> pa.Table:
-    """The shard's rows: its parts' row groups, read concurrently, in order. Planning packed only files whose
-    schemas unify, so the parts concatenate (a column int32 in one and int64 in another becomes int64)."""
+    """The shard's rows: its parts' row groups, read concurrently, in order, in the schema they combine to
+    (jobs/packing.py: only widenings that change no value)."""
     tables = parallel(_read_part, shard["parts"])
-    return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
+    return tables[0] if len(tables) == 1 else concat_parts(tables, [p["uri"] for p in shard["parts"]])
 
 
 def _key(shard: dict) -> tuple:

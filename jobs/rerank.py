@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from jobs import manifest as mf
 from jobs.layout import REJECTS, SCORES, SHORTLISTS, WORK, DamagedWork, OutputLayout
-from jobs.plan import kept_alone, make_plan
+from jobs.plan import make_plan
 from jobs.storage import (
     delete_dir, delete_file, exists, locate, parallel, read_json, remove_temporaries, write_json, write_parquet,
 )
@@ -161,6 +161,10 @@ def prepare_output(layout: OutputLayout, plan, overwrite: bool, options: dict | 
             raise OutputConflict(f"{layout.root.uri} was written with other settings: "
                                  + "; ".join(_setting_change(k, previous.get(k), options[k]) for k in changed)
                                  + ". Pass --overwrite or use another --output")
+        gone = plan.gone_shards(earlier)  # uncommitted (a mended file packs otherwise now): nothing may linger
+        parallel(layout.delete_shard, gone)
+        if gone:
+            print(f"removed what {len(gone)} uncommitted shard(s) of the earlier plan left", file=sys.stderr)
     elif exists(layout.root) and layout.committed_shards():  # its plan.json lost: nothing to check them against
         raise OutputConflict(f"{layout.root.uri} holds committed shards but no {layout.plan.uri} to check them "
                              "against: pass --overwrite or use another --output")
@@ -183,16 +187,16 @@ def prepare_output(layout: OutputLayout, plan, overwrite: bool, options: dict | 
     write_json({**plan.to_json(), "options": options}, layout.plan)
 
 
-def _unreadable_before(out, overwrite: bool) -> frozenset[str]:
-    """Input files the earlier run into this output could not read: they keep a shard to themselves, so that
-    mending one leaves every other shard as it was and the rerun resumes."""
+def _earlier_plan(out, overwrite: bool) -> dict | None:
+    """The plan.json of the run this one may resume (one that committed shards): files pack as they did in it,
+    so a file mended or added since changes no committed shard."""
     layout = OutputLayout(out)
-    if overwrite or not exists(layout.plan):
-        return frozenset()
+    if overwrite or not exists(layout.plan) or not layout.committed_shards():
+        return None
     try:
-        return kept_alone(read_json(layout.plan))
+        return read_json(layout.plan)
     except ValueError:  # prepare_output refuses it, with the reason
-        return frozenset()
+        return None
 
 
 def check_engine_choice(args: argparse.Namespace) -> None:
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         out = locate(args.output)
         if out.fs.get_file_info(out.path).type == pafs.FileType.File:
             raise NotADirectoryError(f"--output {args.output} is a file; name a folder (it is created if missing)")
-        plan = make_plan(args.input, cols, args.shard_rows, exclude=out, alone=_unreadable_before(out, args.overwrite))
+        plan = make_plan(args.input, cols, args.shard_rows, exclude=out, earlier=_earlier_plan(out, args.overwrite))
     except (InputSchemaError, FileNotFoundError, NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -53,17 +53,34 @@ def _pairs():
     return queries, docs
 
 
-def test_deberta_v2_loads_with_its_own_attention_and_scores_like_hf(tmp_path):
+def _deberta_v2(tmp_path):
     tok = _bert_tokenizer(0)
     cfg = T.DebertaV2Config(vocab_size=len(tok), max_position_embeddings=128, relative_attention=True,
                             position_buckets=32, pos_att_type=["p2c", "c2p"], position_biased_input=False,
                             type_vocab_size=0, pad_token_id=0, **SHAPE)
-    folder = _save(tmp_path, "deberta", T.DebertaV2ForSequenceClassification(cfg), tok)
+    return _save(tmp_path, "deberta", T.DebertaV2ForSequenceClassification(cfg), tok)
+
+
+def test_deberta_v2_loads_with_its_own_attention_and_scores_like_hf(tmp_path):
+    folder = _deberta_v2(tmp_path)
     queries, docs = _pairs()
     eng = Engine.from_pretrained(folder, EngineConfig(engine="auto"))
     assert eng.describe()["engine"] == "padded" and eng.describe()["attention"] == "eager"
     scores, _ = eng.score(queries, docs)
     np.testing.assert_allclose(scores, _reference(folder, queries, docs, eng.max_length)[:, 0], atol=1e-5)
+
+
+def test_the_bench_loads_a_checkpoint_without_sdpa_as_the_job_does(tmp_path):
+    """jobs.bench loaded a given folder with SDPA hard-coded, so a DeBERTa-v2 reranker ran in the job but not
+    in the benchmark."""
+    from jobs.bench import run_bench
+
+    rows = run_bench(models=[str(_deberta_v2(tmp_path))], mixes=["msmarco"], n_pairs=24, candidates=6,
+                     engines=["padded"], dtypes=["float32"], compile=[False], budgets=[1024], repeats=1,
+                     device="cpu", tokenize=False, plots=False, verbose=False)
+    assert [(r["kind"], r["status"]) for r in rows] == [("anchor", "ok"), ("engine", "ok")], rows
+    engine = rows[1]
+    assert engine["attention"] == "eager" and engine["score_max_abs_diff"] < 1e-4
 
 
 def test_roberta_style_positions_of_other_families_fit_their_table(tmp_path):

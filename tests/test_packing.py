@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import assert_each_row_once, job_args, read_dir, shortlist_rows
-from jobs.plan import kept_alone, make_plan
+from jobs.plan import make_plan
 from jobs.rerank import main
 from schemas.contract import ColumnMap
 
@@ -55,19 +55,50 @@ def test_small_files_pack_whole_in_input_order(tmp_path):
 
 
 def test_packing_stops_at_the_file_cap_and_at_schemas_that_do_not_combine(tmp_path, monkeypatch):
+    """Files pack only when every column keeps its values: widenings without loss combine; int64 beside
+    float64 (pandas writes an int column with a NaN as float), a column only one file has, or a dictionary
+    beside plain strings each start a new shard."""
     import jobs.plan as plan_mod
 
-    names = _small_files(tmp_path, [3] * 7)
+    names = _small_files(tmp_path, [3] * 10)
     monkeypatch.setattr(plan_mod, "MAX_FILES_PER_SHARD", 3)
-    assert [len(s.parts) for s in make_plan([str(tmp_path)], ColumnMap(), 1000).shards] == [3, 3, 1]
+    assert [len(s.parts) for s in make_plan([str(tmp_path)], ColumnMap(), 1000).shards] == [3, 3, 3, 1]
     monkeypatch.undo()
-    # float32 beside float64 scores combine (promoted); a dictionary-encoded doc column beside a plain one does not
-    t = pq.read_table(names[2])
-    pq.write_table(t.set_column(4, "first_stage_score", t["first_stage_score"].cast(pa.float32())), names[2])
-    t = pq.read_table(names[4])
-    pq.write_table(t.set_column(3, "doc", t["doc"].dictionary_encode()), names[4])
-    assert [[os.path.basename(p.uri)[2:5] for p in s.parts] for s in make_plan([str(tmp_path)], ColumnMap(), 1000).shards] \
-        == [["000", "001", "002", "003"], ["004"], ["005", "006"]]
+
+    def rewrite(i, col, array):
+        t = pq.read_table(names[i])
+        t = t.set_column(t.column_names.index(col), col, array) if col in t.column_names else t.append_column(col, array)
+        pq.write_table(t, names[i])
+
+    rewrite(1, "first_stage_score", pq.read_table(names[1])["first_stage_score"].cast(pa.float32()))  # combines
+    rewrite(2, "doc_id", pq.read_table(names[2])["doc_id"].cast(pa.large_string()))  # combines
+    rewrite(3, "doc", pq.read_table(names[3])["doc"].dictionary_encode())  # beside plain: no
+    rewrite(4, "n", pa.array([1, 2, 3], pa.int64()))
+    rewrite(5, "n", pa.array([1.5, None, 3.0], pa.float64()))  # int64 then float64: no
+    rewrite(6, "n", pa.array([7, 8, 9], pa.int32()))  # float64 then int32: no; 7 lacks n: no
+    groups = [[os.path.basename(p.uri)[2:5] for p in s.parts] for s in make_plan([str(tmp_path)], ColumnMap(), 1000).shards]
+    assert groups == [["000", "001", "002"], ["003"], ["004"], ["005"], ["006"], ["007", "008", "009"]]
+
+
+def test_a_packed_shard_keeps_every_value_and_fits_its_dictionaries(tmp_path):
+    """Two pandas category columns of 100 values each (int8 codes) packed into one row group overflowed int8:
+    the scored file was written but could not be read back. Widened types hold every value exactly."""
+    from jobs.read_ahead import read_shard
+
+    names = _small_files(tmp_path, [100, 100])
+    for i, (name, ints) in enumerate(zip(names, (pa.int8(), pa.int32()))):
+        t = pq.read_table(name)
+        site = pa.array([f"site-{i}-{r}" for r in range(100)]).dictionary_encode().cast(pa.dictionary(pa.int8(), pa.string()))
+        t = t.append_column("site", site).append_column("n", pa.array(range(100), ints))
+        pq.write_table(t, name)
+    shard = make_plan([str(tmp_path)], ColumnMap(), 1000).shards[0].to_dict()
+    assert len(shard["parts"]) == 2
+    table = read_shard(shard)
+    assert table.schema.field("site").type == pa.dictionary(pa.int32(), pa.string()) and table.schema.field("n").type == pa.int32()
+    pq.write_table(table, tmp_path / "scored.parquet")
+    back = pq.read_table(tmp_path / "scored.parquet")
+    assert back["site"].to_pylist() == [f"site-{i}-{r}" for i in range(2) for r in range(100)]
+    assert back["n"].to_pylist() == list(range(100)) * 2
 
 
 def test_a_mended_file_keeps_its_own_shard_so_the_rerun_resumes(tmp_path):
@@ -86,20 +117,43 @@ def test_a_mended_file_keeps_its_own_shard_so_the_rerun_resumes(tmp_path):
     assert _files_of(naive) == [["f-000.parquet", "f-001.parquet", "f-001b.parquet", "f-002.parquet", "f-003.parquet"]]
     assert naive.resume_problem(previous, committed.__contains__)
 
-    assert kept_alone(previous) == {str(broken)}
-    after = make_plan([str(tmp_path)], ColumnMap(), 100, alone=kept_alone(previous))
+    after = make_plan([str(tmp_path)], ColumnMap(), 100, earlier=previous)  # packed as the earlier plan was
     assert _files_of(after) == _files_of(before) and after.resume_problem(previous, committed.__contains__) is None
     assert [s.to_dict() for s in after.shards if s.name in committed] == \
         [s.to_dict() for s in before.shards if s.name in committed]
-    # and in every run after that (a new --top-k, say): the mended file is remembered as kept alone
-    later = make_plan([str(tmp_path)], ColumnMap(), 100, alone=kept_alone(json.loads(json.dumps(after.to_json()))))
+    assert after.gone_shards(previous) == []
+    # and in every run after that (a new --top-k, say): its plan.json keeps the mended file on its own
+    later = make_plan([str(tmp_path)], ColumnMap(), 100, earlier=json.loads(json.dumps(after.to_json())))
     assert _files_of(later) == _files_of(before) and later.fingerprint() == after.fingerprint()
+
+
+def test_files_mended_or_added_since_change_no_committed_shard(tmp_path):
+    """A file of a failed packed shard mended with more rows, and a file added at the end while the job was
+    unfinished, used to repack their neighbours and refuse the resume. Only the failed shard is cut anew; what
+    it left is deleted (gone_shards)."""
+    names = _small_files(tmp_path, [30, 30, 30, 30, 30])
+    before = make_plan([str(tmp_path)], ColumnMap(), 100)
+    assert _files_of(before) == [["f-000.parquet", "f-001.parquet", "f-002.parquet"], ["f-003.parquet", "f-004.parquet"]]
+    previous = json.loads(json.dumps(before.to_json()))
+    committed = {before.shards[1].name}  # the first shard failed on a corrupt f-001
+    pq.write_table(pa.Table.from_pylist(shortlist_rows(10, 5, prefix="m"), schema=_SCHEMA), names[1])  # 50 rows now
+    _small_files(tmp_path, [20], prefix="g")  # g-000 sorts after every f file
+    after = make_plan([str(tmp_path)], ColumnMap(), 100, earlier=previous)
+    assert _files_of(after) == [["f-000.parquet", "f-001.parquet"], ["f-002.parquet"], ["f-003.parquet", "f-004.parquet"],
+                                ["g-000.parquet"]]
+    assert after.resume_problem(previous, committed.__contains__) is None
+    assert after.gone_shards(previous) == [before.shards[0].name]
+    # a committed shard that would be cut otherwise is still refused
+    pq.write_table(pa.Table.from_pylist(shortlist_rows(10, 5, prefix="n"), schema=_SCHEMA), names[4])
+    assert "changed since" in make_plan([str(tmp_path)], ColumnMap(), 100, earlier=previous).resume_problem(
+        previous, committed.__contains__)
 
 
 def test_a_plan_of_an_earlier_format_is_not_resumed(tmp_path):
     _small_files(tmp_path, [20, 20])
     plan = make_plan([str(tmp_path)], ColumnMap(), 100)
     old = {**json.loads(json.dumps(plan.to_json())), "format": None, "fingerprint": "old"}
+    old["shards"] = [{"name": "f-000-0123abcd-r0000000000"}]  # format 1 named shards otherwise
     assert "earlier crossrank" in plan.resume_problem(old, lambda n: True)
     assert plan.resume_problem(old, lambda n: False) is None  # nothing committed: every shard runs again
 
@@ -116,6 +170,13 @@ def test_a_packed_shard_names_the_file_that_changed_under_it(tiny_model, tmp_pat
     os.remove(names[2])
     with pytest.raises(OSError, match=r"f-002.parquet: FileNotFoundError"):
         worker.score_shard(shard)
+    # a file whose footer could not be read at planning was planned as 0 rows: readable by now, it must not
+    # commit as 0 rows (its rows would be lost), but fail until the rerun plans it anew
+    (tmp_path / "in" / "late.parquet").write_bytes(b"PAR1 still uploading")
+    late = next(s for s in make_plan([str(tmp_path / "in")], ColumnMap(), 100).shards if "late" in s.name).to_dict()
+    pq.write_table(pq.read_table(names[0]), tmp_path / "in" / "late.parquet")
+    with pytest.raises(OSError, match=r"late.parquet: cannot read Parquet metadata .* when the job was planned"):
+        worker.score_shard(late)
     pq.write_table(pq.read_table(names[1]).slice(0, 7), names[1], row_group_size=2)  # groups 0-2 now hold 6 rows
     with pytest.raises(OSError, match=r"f-001.parquet: 6 rows in row groups \[0, 1, 2\], but 10 when the job was planned"):
         worker.score_shard(shard)
@@ -189,3 +250,31 @@ def test_a_broken_file_among_small_ones_is_redone_alone(ray_local, tiny_model, t
     code = main(job_args(inp, out, tiny_model, "--shard-rows", "100", "--top-k", "2"))  # any later rerun resumes too
     assert code == 0, capsys.readouterr().err
     assert all((out / "_work" / "scored" / n).stat().st_mtime_ns == t for n, t in committed.items())
+
+
+def test_what_a_shard_cut_otherwise_now_left_is_deleted_on_resume(tmp_path, capsys):
+    """The failed shard's rejects and keys would otherwise stay beside the rows of the shards that replace it:
+    its rows counted twice in OUT/rejects/ and in the ranking."""
+    from jobs.layout import OutputLayout
+    from jobs.rerank import prepare_output
+    from jobs.storage import locate, write_json, write_parquet
+
+    inp = tmp_path / "in"
+    names = _small_files(inp, [30, 30, 30, 30, 30])
+    before = make_plan([str(inp)], ColumnMap(), 100)
+    failed, done = before.shards
+    layout = OutputLayout(locate(str(tmp_path / "out")))
+    write_json({**before.to_json(), "options": None}, layout.plan)
+    empty = pa.table({"x": pa.array([], pa.int64())})
+    for loc in (layout.scored(done.name), layout.rejects(failed.name), layout.keys(failed.name, 0),
+                layout.rejects(done.name)):
+        write_parquet(empty, loc)
+    write_json({"shard": failed.name}, layout.shard_stats(failed.name))
+    pq.write_table(pa.Table.from_pylist(shortlist_rows(10, 5, prefix="m"), schema=_SCHEMA), names[1])  # mended, 50 rows
+
+    after = make_plan([str(inp)], ColumnMap(), 100, earlier=json.loads((tmp_path / "out" / "_work" / "plan.json").read_text()))
+    prepare_output(layout, after, overwrite=False)
+    assert "removed what 1 uncommitted shard(s) of the earlier plan left" in capsys.readouterr().err
+    left = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.parquet")}
+    assert left == {f"_work/scored/{done.name}.parquet", f"rejects/{done.name}.parquet"}
+    assert not (tmp_path / "out" / "_work" / "stats" / f"{failed.name}.json").exists()
