@@ -19,11 +19,12 @@ from dataclasses import dataclass, asdict
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs import bucket_size
 from jobs.packing import combined_schema
 from jobs.storage import Location, list_parquet_mtimes, parallel
-from schemas.contract import ColumnMap, InputSchemaError, check_consistency, check_file_schema
+from schemas.contract import DOC_ID, QUERY_ID, ColumnMap, InputSchemaError, check_consistency, check_file_schema
 
-KEY_ROWS_PER_BUCKET = 2_000_000  # rows of (query_id, doc_id, score, ...) one finalize task holds at once
+KEY_ROWS_PER_BUCKET = 2_000_000  # at most, rows of (query_id, doc_id, score, ...) one ranking task holds at once
 FILE_SEQ_BITS = 14  # shard seq = file index << 14 | shard within the file (see Shard.seq)
 # Files one shard may pack: each is a separate open (a round trip on an object store, run concurrently), and
 # a file that fails to read fails the rows of the others in its shard until it is mended.
@@ -92,10 +93,13 @@ class Plan:
     buckets: int  # queries are hashed into this many groups for the cross-shard ranking pass
     total_rows: int
     columns: dict  # file uri -> column names
+    bucket_rows: int = KEY_ROWS_PER_BUCKET  # the rows a bucket is sized for (fewer with long ids)
+    id_text_bytes: float = 0.0  # sampled bytes of id text a row, which sized the buckets
 
     def to_json(self) -> dict:
         """What OUT/_work/plan.json holds: enough for a rerun to tell whether it may resume."""
         return {"format": PLAN_FORMAT, "fingerprint": self.fingerprint(), "buckets": self.buckets,
+                "bucket_rows": self.bucket_rows, "id_text_bytes": self.id_text_bytes,
                 "files": self.files, "shards": [s.to_dict() for s in self.shards]}
 
     def small_shards_warning(self, shard_rows: int) -> str | None:
@@ -117,9 +121,9 @@ class Plan:
     def keep_buckets(self, previous: dict) -> None:
         """Keep the earlier run's bucket count while its buckets stay under twice the usual size: committed keys
         are hashed by it, and the rows of a file fixed since (an unreadable file counts none) must not push the
-        total past a multiple of KEY_ROWS_PER_BUCKET and so make every committed shard unusable."""
+        total past a multiple of the bucket size and so make every committed shard unusable."""
         before = previous.get("buckets")
-        if before and before != self.buckets and self.total_rows <= 2 * KEY_ROWS_PER_BUCKET * before:
+        if before and before != self.buckets and self.total_rows <= 2 * self.bucket_rows * before:
             self.buckets = before
 
     def resume_problem(self, previous: dict, committed) -> str | None:
@@ -336,6 +340,11 @@ def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Loca
         # Past the stable numbering's range (rows carry seq << 32 in an int64): number shards densely instead.
         shards = [Shard(s.name, i, s.parts) for i, s in enumerate(shards)]
     total = sum(s.rows for s in shards)
-    buckets = max(1, min(1024, math.ceil(total / KEY_ROWS_PER_BUCKET)))
+    id_bytes = 0.0
+    if total > bucket_size.SAMPLE_ABOVE_ROWS:  # long ids make a bucket's rows cost more memory
+        readable = [loc for loc, meta in metas.values() if not isinstance(meta, str)]
+        id_bytes = bucket_size.sample_id_text_bytes(readable, (cols.user_name(QUERY_ID), cols.user_name(DOC_ID)))
+    rows_each = bucket_size.bucket_rows(id_bytes, KEY_ROWS_PER_BUCKET)
+    buckets = max(1, min(1024, math.ceil(total / rows_each)))
     return Plan(shards=shards, files=file_rows, buckets=buckets, total_rows=total,
-                columns={u: s.names for u, s in schemas.items()})
+                columns={u: s.names for u, s in schemas.items()}, bucket_rows=rows_each, id_text_bytes=id_bytes)

@@ -4,6 +4,7 @@ the same scores and positions, rejects still traced to their file and row, rerun
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -278,3 +279,29 @@ def test_what_a_shard_cut_otherwise_now_left_is_deleted_on_resume(tmp_path, caps
     left = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.parquet")}
     assert left == {f"_work/scored/{done.name}.parquet", f"rejects/{done.name}.parquet"}
     assert not (tmp_path / "out" / "_work" / "stats" / f"{failed.name}.json").exists()
+
+
+def test_buckets_are_sized_by_the_memory_long_ids_take(tmp_path, monkeypatch):
+    """A bucket was 2M rows whatever its ids: with 1 KB query and doc ids its ranking task needs ~9 GB
+    (scripts/bench_bucket_memory.py). Buckets now shrink with the sampled id length; short ids are unchanged."""
+    from jobs import bucket_size
+
+    monkeypatch.setattr(bucket_size, "SAMPLE_ABOVE_ROWS", 0)
+    monkeypatch.setattr(bucket_size, "MIN_BUCKET_ROWS", 1)
+    monkeypatch.setattr(bucket_size, "BUCKET_BYTES", 200 * (bucket_size.KEY_ROW_BYTES + 2 * 20))  # ~200 rows of short ids
+
+    def plan_for(id_len: int, folder):
+        folder.mkdir()
+        for f in range(3):
+            rows = shortlist_rows(20, 10, prefix=f"f{f}q", seed=f)
+            for r in rows:
+                r["query_id"], r["doc_id"] = r["query_id"].rjust(id_len, "q"), r["doc_id"].rjust(id_len, "d")
+            pq.write_table(pa.Table.from_pylist(rows, schema=_SCHEMA), folder / f"part-{f}.parquet")
+        return make_plan([str(folder)], ColumnMap(), 1000)
+
+    short, long = plan_for(10, tmp_path / "short"), plan_for(1000, tmp_path / "long")
+    assert short.total_rows == long.total_rows == 600
+    assert short.id_text_bytes == pytest.approx(20, abs=3) and long.id_text_bytes == pytest.approx(2000)
+    assert short.buckets == 3 and long.buckets == math.ceil(600 / long.bucket_rows)
+    assert long.bucket_rows < short.bucket_rows / 5 and long.buckets >= 5 * short.buckets
+    assert json.loads(json.dumps(long.to_json()))["bucket_rows"] == long.bucket_rows
