@@ -25,11 +25,12 @@ from jobs.storage import Location, list_parquet_mtimes, parallel
 from schemas.contract import DOC_ID, QUERY_ID, ColumnMap, InputSchemaError, check_consistency, check_file_schema
 
 KEY_ROWS_PER_BUCKET = 2_000_000  # at most, rows of (query_id, doc_id, score, ...) one ranking task holds at once
-FILE_SEQ_BITS = 14  # shard seq = file index << 14 | shard within the file (see Shard.seq)
+FILE_SEQ_BITS = 14  # shard seq = file index << 14 | shard within the file (see Shard.seq), where that fits
+_ORIGIN = 32  # while planning, a shard's seq is file index << 32 | shard within the file (see number_shards)
 # Files one shard may pack: each is a separate open (a round trip on an object store, run concurrently), and
 # a file that fails to read fails the rows of the others in its shard until it is mended.
 MAX_FILES_PER_SHARD = 256
-PLAN_FORMAT = 2  # plan.json's shape: 2 = shards made of parts (packed files); 1 had one file per shard
+PLAN_FORMAT = 3  # plan.json's shape: 3 = shards made of parts (packed files); 1 had one file per shard, 2 parts without errors
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,9 @@ class Part:
 @dataclass(frozen=True)
 class Shard:
     name: str
-    # Orders rows globally (input-order tie breaks): first file's index << FILE_SEQ_BITS | shard index within
-    # that file, so fixing one file (an unreadable one is one shard until it is readable) renumbers no other
-    # file's shards.
+    # Orders rows globally (input-order tie breaks): first file's index << bits | shard index within that
+    # file (number_shards), so fixing one file (an unreadable one is one shard until it is readable)
+    # renumbers no other file's shards.
     seq: int
     parts: tuple[Part, ...]  # in input order; more than one only when packing whole small files
 
@@ -94,12 +95,13 @@ class Plan:
     total_rows: int
     columns: dict  # file uri -> column names
     bucket_rows: int = KEY_ROWS_PER_BUCKET  # the rows a bucket is sized for (fewer with long ids)
+    seq_bits: int | None = FILE_SEQ_BITS  # low bits of a shard's seq for its place in its file (None: dense)
     id_text_bytes: float = 0.0  # sampled bytes of id text a row, which sized the buckets
 
     def to_json(self) -> dict:
         """What OUT/_work/plan.json holds: enough for a rerun to tell whether it may resume."""
         return {"format": PLAN_FORMAT, "fingerprint": self.fingerprint(), "buckets": self.buckets,
-                "bucket_rows": self.bucket_rows, "id_text_bytes": self.id_text_bytes,
+                "bucket_rows": self.bucket_rows, "id_text_bytes": self.id_text_bytes, "seq_bits": self.seq_bits,
                 "files": self.files, "shards": [s.to_dict() for s in self.shards]}
 
     def small_shards_warning(self, shard_rows: int) -> str | None:
@@ -233,8 +235,25 @@ class _Packer:
             return
         file_index, first = self.run[0]
         name = shard_name(first.uri, 0) + (f"-p{len(self.run)}" if len(self.run) > 1 else "")
-        self.shards.append(Shard(name, file_index << FILE_SEQ_BITS, tuple(p for _, p in self.run)))
+        self.shards.append(Shard(name, file_index << _ORIGIN, tuple(p for _, p in self.run)))
         self.run, self.rows, self.schema, self.group = [], 0, None, None
+
+
+def number_shards(shards: list[Shard], files: int, earlier_bits: int | None) -> tuple[list[Shard], int | None]:
+    """Final seqs, and the low bits they give the shard within its file. A row's global order is
+    seq << 32 | row, so seq has 31 bits: file index above, shard within the file below. The split is the
+    earlier plan's where it still fits (a resume then numbers every shard as before), else FILE_SEQ_BITS,
+    else as many as the file count leaves (room for a mended file to grow more shards). Only when the file
+    with most shards needs more than that are shards numbered densely, which a mended file renumbers (so its
+    rerun cannot resume)."""
+    per_file = max(Counter(s.uri for s in shards).values(), default=1)
+    need = (per_file - 1).bit_length()
+    spare = 31 - (max(files, 1) - 1).bit_length()
+    for bits in ([earlier_bits] if earlier_bits is not None else []) + [FILE_SEQ_BITS, spare]:
+        if need <= bits <= 31 and files <= 1 << (31 - bits):
+            low = (1 << _ORIGIN) - 1
+            return [Shard(s.name, (s.seq >> _ORIGIN) << bits | (s.seq & low), s.parts) for s in shards], bits
+    return [Shard(s.name, i, s.parts) for i, s in enumerate(shards)], None
 
 
 def earlier_groups(earlier: dict | None) -> dict[str, str]:
@@ -309,7 +328,7 @@ def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Loca
         size = sizes[uri]
         if isinstance(meta, str):  # unreadable: one shard that will fail with its error
             packer.flush()
-            shards.append(Shard(shard_name(uri, 0), file_index << FILE_SEQ_BITS, (Part(uri, loc.path, (), 0, 0, meta),)))
+            shards.append(Shard(shard_name(uri, 0), file_index << _ORIGIN, (Part(uri, loc.path, (), 0, 0, meta),)))
             file_rows.append({"uri": uri, "bytes": size, "rows": None, "error": meta})
             continue
         file_rows.append({"uri": uri, "bytes": size, "rows": meta.num_rows, "footer": meta.digest,
@@ -322,7 +341,7 @@ def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Loca
         first = len(shards)
 
         def add(start: int, groups: list[int], rows: int) -> None:
-            seq = (file_index << FILE_SEQ_BITS) + len(shards) - first
+            seq = (file_index << _ORIGIN) + len(shards) - first
             shards.append(Shard(shard_name(uri, start), seq, (Part(uri, loc.path, tuple(groups), start, start + rows),)))
 
         start, groups, rows = 0, [], 0
@@ -335,10 +354,7 @@ def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Loca
         if groups or meta.num_rows == 0:
             add(start, groups, rows)
     packer.flush()
-    per_file = max(Counter(s.uri for s in shards).values(), default=0)
-    if per_file > 1 << FILE_SEQ_BITS or len(metas) >= 1 << (31 - FILE_SEQ_BITS):
-        # Past the stable numbering's range (rows carry seq << 32 in an int64): number shards densely instead.
-        shards = [Shard(s.name, i, s.parts) for i, s in enumerate(shards)]
+    shards, seq_bits = number_shards(shards, len(metas), (earlier or {}).get("seq_bits"))
     total = sum(s.rows for s in shards)
     id_bytes = 0.0
     if total > bucket_size.SAMPLE_ABOVE_ROWS:  # long ids make a bucket's rows cost more memory
@@ -347,4 +363,5 @@ def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Loca
     rows_each = bucket_size.bucket_rows(id_bytes, KEY_ROWS_PER_BUCKET)
     buckets = max(1, min(1024, math.ceil(total / rows_each)))
     return Plan(shards=shards, files=file_rows, buckets=buckets, total_rows=total,
-                columns={u: s.names for u, s in schemas.items()}, bucket_rows=rows_each, id_text_bytes=id_bytes)
+                columns={u: s.names for u, s in schemas.items()}, bucket_rows=rows_each, id_text_bytes=id_bytes,
+                seq_bits=seq_bits)

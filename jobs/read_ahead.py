@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.packing import concat_parts
+from jobs.packing import concat_parts, widen_dictionary_indices
 from jobs.storage import locate, parallel
 
 
@@ -36,9 +36,11 @@ def _read_part(part: dict) -> pa.Table:
 
 def read_shard(shard: dict) -> pa.Table:
     """The shard's rows: its parts' row groups, read concurrently, in order, in the schema they combine to
-    (jobs/packing.py: only widenings that change no value)."""
+    (jobs/packing.py: only widenings that change no value; dictionary indices int32 in every shard)."""
     tables = parallel(_read_part, shard["parts"])
-    return tables[0] if len(tables) == 1 else concat_parts(tables, [p["uri"] for p in shard["parts"]])
+    if len(tables) == 1:
+        return widen_dictionary_indices(tables[0])
+    return concat_parts(tables, [p["uri"] for p in shard["parts"]])
 
 
 def _key(shard: dict) -> tuple:

@@ -305,3 +305,75 @@ def test_buckets_are_sized_by_the_memory_long_ids_take(tmp_path, monkeypatch):
     assert short.buckets == 3 and long.buckets == math.ceil(600 / long.bucket_rows)
     assert long.bucket_rows < short.bucket_rows / 5 and long.buckets >= 5 * short.buckets
     assert json.loads(json.dumps(long.to_json()))["bucket_rows"] == long.bucket_rows
+
+
+def _with_column(name, column):
+    t = pq.read_table(name)
+    pq.write_table(t.append_column("site", column), name)
+
+
+def test_dictionaries_of_every_index_type_pack_and_read_back(tmp_path):
+    """pandas writes int8 category codes, polars uint32 (Categorical): the plan packed them, reading refused
+    ("no longer combine"); unsigned indices never packed at all. A file whose row groups carry different int8
+    dictionaries wrote a scored file that could not be read back. An ordered dictionary is kept apart."""
+    from jobs.read_ahead import read_shard
+
+    names = _small_files(tmp_path / "mixed", [100, 100, 100])
+    for i, (name, index) in enumerate(zip(names, (pa.int8(), pa.uint32(), pa.uint8()))):
+        values = pa.array([f"s{i}-{r}" for r in range(100)]).dictionary_encode()
+        _with_column(name, values.cast(pa.dictionary(index, pa.string())))
+    (shard,) = [s.to_dict() for s in make_plan([str(tmp_path / "mixed")], ColumnMap(), 1000).shards]
+    table = read_shard(shard)
+    assert table.schema.field("site").type == pa.dictionary(pa.int32(), pa.string())
+    pq.write_table(table, tmp_path / "back.parquet")
+    assert pq.read_table(tmp_path / "back.parquet")["site"].to_pylist() == [f"s{i}-{r}" for i in range(3) for r in range(100)]
+
+    one = tmp_path / "one" / "one.parquet"
+    one.parent.mkdir()
+    rows = pa.Table.from_pylist(shortlist_rows(40, 5, seed=3), schema=_SCHEMA)
+    with pq.ParquetWriter(one, rows.schema.append(pa.field("site", pa.dictionary(pa.int8(), pa.string())))) as w:
+        for g in range(2):  # two row groups, each its own 100-value int8 dictionary
+            part = rows.slice(g * 100, 100)
+            site = pa.array([f"g{g}-{r}" for r in range(100)]).dictionary_encode().cast(pa.dictionary(pa.int8(), pa.string()))
+            w.write_table(part.append_column("site", site))
+    (shard,) = [s.to_dict() for s in make_plan([str(one.parent)], ColumnMap(), 1000).shards]
+    pq.write_table(read_shard(shard), tmp_path / "one-back.parquet")
+    assert pq.read_table(tmp_path / "one-back.parquet")["site"].to_pylist() == [f"g{g}-{r}" for g in range(2) for r in range(100)]
+
+    names = _small_files(tmp_path / "ordered", [10, 10, 10])
+    for name, cats in zip(names, (["low", "high"], ["high", "low"], ["low", "high"])):
+        ordered = pa.DictionaryArray.from_arrays(pa.array([0, 1] * 5, pa.int8()), pa.array(cats), ordered=True)
+        _with_column(name, ordered)
+    assert [len(s.parts) for s in make_plan([str(tmp_path / "ordered")], ColumnMap(), 1000).shards] == [1, 1, 1]
+
+
+def test_a_column_of_nulls_only_packs_beside_any_type(tmp_path):
+    """pandas writes an all-None object column as type null: lossless beside a typed one."""
+    from jobs.read_ahead import read_shard
+
+    names = _small_files(tmp_path, [10, 10])
+    _with_column(names[0], pa.array([None] * 10, pa.null()))
+    _with_column(names[1], pa.array([f"x{i}" for i in range(10)]))
+    (shard,) = [s.to_dict() for s in make_plan([str(tmp_path)], ColumnMap(), 1000).shards]
+    assert read_shard(shard)["site"].to_pylist() == [None] * 10 + [f"x{i}" for i in range(10)]
+
+
+def test_numbering_stays_stable_past_131072_files(tmp_path, monkeypatch):
+    """Past 2^17 files the shards were numbered densely, so a mended file that split its failed shard
+    renumbered every later committed one and the resume was refused. Now the earlier plan's split of a seq's
+    31 bits is kept (here FILE_SEQ_BITS is raised so that 10 files are already too many for it)."""
+    import jobs.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "FILE_SEQ_BITS", 29)
+    names = _small_files(tmp_path, [20] * 10)
+    before = make_plan([str(tmp_path)], ColumnMap(), 50)
+    assert before.seq_bits == 27 and [len(s.parts) for s in before.shards] == [2] * 5
+    previous = json.loads(json.dumps(before.to_json()))
+    committed = {s.name for s in before.shards[1:]}  # the first shard failed
+    pq.write_table(pa.Table.from_pylist(shortlist_rows(12, 5, prefix="m"), schema=_SCHEMA), names[1], row_group_size=20)
+    after = make_plan([str(tmp_path)], ColumnMap(), 50, earlier=previous)  # f-001 now 60 rows: cut in 2 (40 + 20)
+    assert [len(s.parts) for s in after.shards] == [1, 1, 1, 2, 2, 2, 2] and after.seq_bits == 27
+    assert after.resume_problem(previous, committed.__contains__) is None
+    assert {s.name: s.seq for s in after.shards if s.name in committed} == \
+        {s.name: s.seq for s in before.shards if s.name in committed}
+    assert [s.seq for s in after.shards] == sorted(s.seq for s in after.shards) and all(s.seq < 1 << 31 for s in after.shards)
