@@ -357,7 +357,9 @@ def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Loca
     shards, seq_bits = number_shards(shards, len(metas), (earlier or {}).get("seq_bits"))
     total = sum(s.rows for s in shards)
     id_bytes = 0.0
-    if total > bucket_size.SAMPLE_ABOVE_ROWS:  # long ids make a bucket's rows cost more memory
+    if earlier and earlier.get("id_text_bytes") is not None:  # a resume sizes buckets as its earlier run did
+        id_bytes = float(earlier["id_text_bytes"])
+    elif total > bucket_size.SAMPLE_ABOVE_ROWS:  # long ids make a bucket's rows cost more memory
         readable = [loc for loc, meta in metas.values() if not isinstance(meta, str)]
         id_bytes = bucket_size.sample_id_text_bytes(readable, (cols.user_name(QUERY_ID), cols.user_name(DOC_ID)))
     rows_each = bucket_size.bucket_rows(id_bytes, KEY_ROWS_PER_BUCKET)

@@ -16,18 +16,24 @@ from jobs.packing import concat_parts, widen_dictionary_indices
 from jobs.storage import locate, parallel
 
 
+def _one_line(text: str) -> str:
+    """Arrow's messages may span lines, and a failed shard is reported by its error's last line: the file's
+    name must be on it."""
+    return " ".join(text.split())
+
+
 def _read_part(part: dict) -> pa.Table:
     """One part's row groups (an empty table with the file's schema for an empty part). An error names the
     file (a shard may read hundreds), and so does a row count other than the plan's: the file changed since."""
     if part.get("error"):  # even if it reads now: planned as 0 rows, its rows would be lost
-        raise OSError(f"{part['uri']}: {part['error']} when the job was planned; rerun once it is mended")
+        raise OSError(f"{part['uri']}: {_one_line(part['error'])} when the job was planned; rerun once it is mended")
     try:
         loc = locate(part["uri"])
         with loc.fs.open_input_file(loc.path) as f:
             pf = pq.ParquetFile(f)
             table = pf.read_row_groups(list(part["row_groups"])) if part["row_groups"] else pf.schema_arrow.empty_table()
     except Exception as e:
-        raise OSError(f"{part['uri']}: {type(e).__name__}: {e}") from e
+        raise OSError(f"{part['uri']}: {type(e).__name__}: {_one_line(str(e))}") from e
     if table.num_rows != part["row_end"] - part["row_start"]:
         raise OSError(f"{part['uri']}: {table.num_rows} rows in row groups {list(part['row_groups'])}, but "
                       f"{part['row_end'] - part['row_start']} when the job was planned: the file changed since")

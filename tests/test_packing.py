@@ -171,11 +171,20 @@ def test_a_packed_shard_names_the_file_that_changed_under_it(tiny_model, tmp_pat
     os.remove(names[2])
     with pytest.raises(OSError, match=r"f-002.parquet: FileNotFoundError"):
         worker.score_shard(shard)
+    # data cut short under an intact footer: Arrow's message spans lines, and a failure is reported by its
+    # last line, which must still name the file (one of up to 256)
+    data = open(names[0], "rb").read()
+    footer = data[-(int.from_bytes(data[-8:-4], "little") + 8):]
+    open(names[0], "wb").write(data[: (len(data) - len(footer)) // 2] + footer)
+    with pytest.raises(OSError) as cut:
+        worker.score_shard(shard)
+    assert "f-000.parquet" in str(cut.value).strip().splitlines()[-1], str(cut.value)
+    open(names[0], "wb").write(data)
     # a file whose footer could not be read at planning was planned as 0 rows: readable by now, it must not
     # commit as 0 rows (its rows would be lost), but fail until the rerun plans it anew
     (tmp_path / "in" / "late.parquet").write_bytes(b"PAR1 still uploading")
     late = next(s for s in make_plan([str(tmp_path / "in")], ColumnMap(), 100).shards if "late" in s.name).to_dict()
-    pq.write_table(pq.read_table(names[0]), tmp_path / "in" / "late.parquet")
+    pq.write_table(pa.Table.from_pylist(shortlist_rows(2, 5, prefix="late"), schema=_SCHEMA), tmp_path / "in" / "late.parquet")
     with pytest.raises(OSError, match=r"late.parquet: cannot read Parquet metadata .* when the job was planned"):
         worker.score_shard(late)
     pq.write_table(pq.read_table(names[1]).slice(0, 7), names[1], row_group_size=2)  # groups 0-2 now hold 6 rows
@@ -377,3 +386,27 @@ def test_numbering_stays_stable_past_131072_files(tmp_path, monkeypatch):
     assert {s.name: s.seq for s in after.shards if s.name in committed} == \
         {s.name: s.seq for s in before.shards if s.name in committed}
     assert [s.seq for s in after.shards] == sorted(s.seq for s in after.shards) and all(s.seq < 1 << 31 for s in after.shards)
+
+
+def test_a_resume_sizes_buckets_as_its_earlier_run(tmp_path, monkeypatch):
+    """The sampled id length changed when a sampled file was mended, and with it the bucket size: the resume
+    was refused ("hashed into N buckets then, M now"). A resume reuses the earlier estimate."""
+    from jobs import bucket_size
+
+    monkeypatch.setattr(bucket_size, "SAMPLE_ABOVE_ROWS", 0)
+    monkeypatch.setattr(bucket_size, "MIN_BUCKET_ROWS", 1)
+    monkeypatch.setattr(bucket_size, "BUCKET_BYTES", 50 * (bucket_size.KEY_ROW_BYTES + 2 * 20))
+    names = _small_files(tmp_path, [100, 100, 100])
+    (tmp_path / "f-000.parquet").write_bytes(b"PAR1 partial upload")
+    before = make_plan([str(tmp_path)], ColumnMap(), 100)
+    previous = json.loads(json.dumps(before.to_json()))
+    rows = shortlist_rows(20, 5, prefix="m")
+    for r in rows:
+        r["query_id"], r["doc_id"] = r["query_id"] * 100, r["doc_id"] * 100  # long ids now
+    pq.write_table(pa.Table.from_pylist(rows, schema=_SCHEMA), names[0])
+    fresh = make_plan([str(tmp_path)], ColumnMap(), 100)
+    assert fresh.id_text_bytes > 3 * before.id_text_bytes and fresh.buckets > before.buckets
+    resumed = make_plan([str(tmp_path)], ColumnMap(), 100, earlier=previous)
+    resumed.keep_buckets(previous)
+    assert resumed.id_text_bytes == before.id_text_bytes and resumed.buckets == before.buckets
+    assert resumed.resume_problem(previous, lambda n: "f-000" not in n) is None
