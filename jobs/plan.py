@@ -177,7 +177,7 @@ class Plan:
             h.update(f"{f['uri']}|{f['bytes']}|{f['rows']}|{f.get('footer')}|{f.get('mtime_ns')}\n".encode())
         h.update(f"format {PLAN_FORMAT}\n".encode())
         for s in self.shards:
-            h.update((s.name + "".join(f"|{p.uri}:{p.row_start}-{p.row_end}" for p in s.parts) + "\n").encode())
+            h.update((f"{s.name}|{s.seq}" + "".join(f"|{p.uri}:{p.row_start}-{p.row_end}" for p in s.parts) + "\n").encode())
         return h.hexdigest()[:16]
 
 
@@ -239,9 +239,30 @@ class _Packer:
         self.run, self.rows, self.schema, self.group = [], 0, None, None
 
 
+def file_indices(uris: list[str], earlier: dict | None) -> dict[str, int]:
+    """Each input file's index, the high bits of its shards' seqs: its place in input order, but on a resume
+    the index the earlier plan gave it. A file removed since (a corrupt one given up) then leaves a gap
+    instead of renumbering every later file's committed shards; a file new since takes the next index after
+    all earlier ones, so its rows come last in the global order (which only breaks exact score ties)."""
+    before: dict[str, int] = {}
+    if earlier and earlier.get("format") == PLAN_FORMAT:
+        before = {f["uri"]: f.get("index", i) for i, f in enumerate(earlier.get("files") or [])}
+    if not before:
+        return {uri: i for i, uri in enumerate(uris)}
+    nxt = max(before.values()) + 1
+    out = {}
+    for uri in uris:
+        if uri in before:
+            out[uri] = before[uri]
+        else:
+            out[uri], nxt = nxt, nxt + 1
+    return out
+
+
 def number_shards(shards: list[Shard], files: int, earlier_bits: int | None) -> tuple[list[Shard], int | None]:
-    """Final seqs, and the low bits they give the shard within its file. A row's global order is
-    seq << 32 | row, so seq has 31 bits: file index above, shard within the file below. The split is the
+    """Final seqs, and the low bits they give the shard within its file (`files`: one past the highest file
+    index). A row's global order is seq << 32 | row, so seq has 31 bits: file index above, shard within the
+    file below. The split is the
     earlier plan's where it still fits (a resume then numbers every shard as before), else FILE_SEQ_BITS,
     else as many as the file count leaves (room for a mended file to grow more shards). Only when the file
     with most shards needs more than that are shards numbered densely, which a mended file renumbers (so its
@@ -252,8 +273,9 @@ def number_shards(shards: list[Shard], files: int, earlier_bits: int | None) -> 
     for bits in ([earlier_bits] if earlier_bits is not None else []) + [FILE_SEQ_BITS, spare]:
         if need <= bits <= 31 and files <= 1 << (31 - bits):
             low = (1 << _ORIGIN) - 1
-            return [Shard(s.name, (s.seq >> _ORIGIN) << bits | (s.seq & low), s.parts) for s in shards], bits
-    return [Shard(s.name, i, s.parts) for i, s in enumerate(shards)], None
+            shards = [Shard(s.name, (s.seq >> _ORIGIN) << bits | (s.seq & low), s.parts) for s in shards]
+            return sorted(shards, key=lambda s: s.seq), bits  # in the global order (new files come last)
+    return [Shard(s.name, i, s.parts) for i, s in enumerate(sorted(shards, key=lambda s: s.seq))], None
 
 
 def earlier_groups(earlier: dict | None) -> dict[str, str]:
@@ -324,15 +346,16 @@ def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Loca
     file_rows = []
     packer = _Packer(shards, shard_rows)
     packed_before = earlier_groups(earlier)
-    for file_index, (uri, (loc, meta)) in enumerate(metas.items()):
-        size = sizes[uri]
+    indices = file_indices(list(metas), earlier)
+    for uri, (loc, meta) in metas.items():
+        size, file_index = sizes[uri], indices[uri]
         if isinstance(meta, str):  # unreadable: one shard that will fail with its error
             packer.flush()
             shards.append(Shard(shard_name(uri, 0), file_index << _ORIGIN, (Part(uri, loc.path, (), 0, 0, meta),)))
-            file_rows.append({"uri": uri, "bytes": size, "rows": None, "error": meta})
+            file_rows.append({"uri": uri, "index": file_index, "bytes": size, "rows": None, "error": meta})
             continue
-        file_rows.append({"uri": uri, "bytes": size, "rows": meta.num_rows, "footer": meta.digest,
-                          "mtime_ns": mtimes.get(uri)})
+        file_rows.append({"uri": uri, "index": file_index, "bytes": size, "rows": meta.num_rows,
+                          "footer": meta.digest, "mtime_ns": mtimes.get(uri)})
         if meta.num_rows < shard_rows:
             whole = Part(uri, loc.path, tuple(range(len(meta.group_rows))), 0, meta.num_rows)
             packer.add(file_index, whole, meta.schema, packed_before.get(uri))
@@ -354,7 +377,7 @@ def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Loca
         if groups or meta.num_rows == 0:
             add(start, groups, rows)
     packer.flush()
-    shards, seq_bits = number_shards(shards, len(metas), (earlier or {}).get("seq_bits"))
+    shards, seq_bits = number_shards(shards, max(indices.values(), default=-1) + 1, (earlier or {}).get("seq_bits"))
     total = sum(s.rows for s in shards)
     id_bytes = 0.0
     if earlier and earlier.get("id_text_bytes") is not None:  # a resume sizes buckets as its earlier run did

@@ -410,3 +410,50 @@ def test_a_resume_sizes_buckets_as_its_earlier_run(tmp_path, monkeypatch):
     resumed.keep_buckets(previous)
     assert resumed.id_text_bytes == before.id_text_bytes and resumed.buckets == before.buckets
     assert resumed.resume_problem(previous, lambda n: "f-000" not in n) is None
+
+
+def test_a_file_removed_or_inserted_since_keeps_committed_shards(tmp_path):
+    """A corrupt file given up (deleted) shifted every later file's index, so every later committed shard
+    "covered other rows" and only --overwrite (all scoring again) got past it. Files keep their earlier index;
+    a file inserted since comes after all earlier ones."""
+    names = _small_files(tmp_path, [30] * 5)
+    before = make_plan([str(tmp_path)], ColumnMap(), 30)  # one shard a file
+    previous = json.loads(json.dumps(before.to_json()))
+    committed = {s.name for s in before.shards if "f-001" not in s.name}
+    os.remove(names[1])
+    _small_files(tmp_path / "x", [30], prefix="f-002a")  # then moved in: sorts between f-002 and f-003
+    os.replace(tmp_path / "x" / "f-002a-000.parquet", tmp_path / "f-002a.parquet")
+    after = make_plan([str(tmp_path)], ColumnMap(), 30, earlier=previous)
+    assert after.resume_problem(previous, committed.__contains__) is None
+    assert after.gone_shards(previous) == [s.name for s in before.shards if "f-001" in s.name]
+    seqs = {s.name: s.seq for s in after.shards}
+    assert all(seqs[s.name] == s.seq for s in before.shards if s.name in committed)
+    assert [os.path.basename(s.uri) for s in after.shards] == \
+        ["f-000.parquet", "f-002.parquet", "f-003.parquet", "f-004.parquet", "f-002a.parquet"]  # in seq order
+    assert [f["index"] for f in after.files] == [0, 2, 5, 3, 4]  # listing order; the new file after all
+    again = make_plan([str(tmp_path)], ColumnMap(), 30, earlier=json.loads(json.dumps(after.to_json())))
+    assert again.fingerprint() == after.fingerprint()
+    fresh = make_plan([str(tmp_path)], ColumnMap(), 30)  # no earlier plan: plain input order
+    assert [f["index"] for f in fresh.files] == [0, 1, 2, 3, 4] and fresh.fingerprint() != after.fingerprint()
+
+
+def test_a_broken_file_given_up_lets_the_rest_resume(ray_local, tiny_model, tmp_path, capsys):
+    """Deleting the corrupt file instead of mending it renumbered every later file's committed shards: the
+    rerun was refused, and only --overwrite (every shard scored again) got past it."""
+    inp = tmp_path / "in"
+    _small_files(inp, [10, 10, 10, 10])
+    broken = inp / "f-001b.parquet"
+    broken.write_bytes(b"PAR1 cut short")
+    out = tmp_path / "out"
+    assert main(job_args(inp, out, tiny_model, "--shard-rows", "10")) == 1  # one shard a file
+    capsys.readouterr()
+    committed = {p.name: p.stat().st_mtime_ns for p in (out / "_work" / "scored").glob("*.parquet")}
+    assert len(committed) == 4
+
+    broken.unlink()
+    code = main(job_args(inp, out, tiny_model, "--shard-rows", "10"))
+    err = capsys.readouterr().err
+    assert code == 0 and "resuming: 4 of 4 shard(s) already committed" in err, err
+    assert all((out / "_work" / "scored" / n).stat().st_mtime_ns == t for n, t in committed.items())
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    assert_each_row_once(inp, out)
