@@ -77,10 +77,6 @@ def widen_dictionary_indices(table: pa.Table) -> pa.Table:
     return table
 
 
-def packable(schema: pa.Schema) -> bool:
-    return combined_schema(schema, schema) is not None
-
-
 def concat_parts(tables: list[pa.Table], uris: list[str]) -> pa.Table:
     """Rows of a packed shard's files, in order, each cast to the schema they combine to (lossless: planning
     packed only files whose schemas combine)."""

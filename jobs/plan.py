@@ -244,9 +244,7 @@ def file_indices(uris: list[str], earlier: dict | None) -> dict[str, int]:
     the index the earlier plan gave it. A file removed since (a corrupt one given up) then leaves a gap
     instead of renumbering every later file's committed shards; a file new since takes the next index after
     all earlier ones, so its rows come last in the global order (which only breaks exact score ties)."""
-    before: dict[str, int] = {}
-    if earlier and earlier.get("format") == PLAN_FORMAT:
-        before = {f["uri"]: f.get("index", i) for i, f in enumerate(earlier.get("files") or [])}
+    before = {f["uri"]: f.get("index", i) for i, f in enumerate((earlier or {}).get("files") or [])}
     if not before:
         return {uri: i for i, uri in enumerate(uris)}
     nxt = max(before.values()) + 1
@@ -281,10 +279,9 @@ def number_shards(shards: list[Shard], files: int, earlier_bits: int | None) -> 
 def earlier_groups(earlier: dict | None) -> dict[str, str]:
     """Each input file's shard in an earlier plan.json (its first, for a file cut into several)."""
     groups: dict[str, str] = {}
-    if earlier and earlier.get("format") == PLAN_FORMAT:
-        for shard in earlier.get("shards") or []:
-            for part in shard["parts"]:
-                groups.setdefault(part["uri"], shard["name"])
+    for shard in (earlier or {}).get("shards") or []:
+        for part in shard["parts"]:
+            groups.setdefault(part["uri"], shard["name"])
     return groups
 
 
@@ -318,7 +315,10 @@ def _footer(loc: Location) -> tuple[int | None, Footer | str]:
 def make_plan(inputs: list[str], cols: ColumnMap, shard_rows: int, exclude: Location | None = None,
               earlier: dict | None = None) -> Plan:
     """`exclude`: the job's output folder, never read as input (it may sit inside an input folder).
-    `earlier`: the plan.json of the run this one resumes; only files that shared a shard in it share one now."""
+    `earlier`: the plan.json of the run this one resumes; only files that shared a shard in it share one now.
+    One of another format cannot be resumed (resume_problem says so) and is not followed."""
+    if earlier and earlier.get("format") != PLAN_FORMAT:
+        earlier = None
     listed = list_parquet_mtimes(inputs, exclude)
     files = [loc for loc, _ in listed]
     mtimes = {loc.uri: mtime for loc, mtime in listed}
