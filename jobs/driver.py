@@ -189,6 +189,7 @@ def _check_totals(plan, stats, failed) -> dict:
         "rows_scored": sum(r["rows_scored"] for r in ok),
         "rows_rejected": sum(r["rows_rejected"] for r in ok),
         "rows_not_rescored": sum(r["rows_not_rescored"] or 0 for r in ok),
+        "float32_rescored": sum(r.get("float32_rescored") or 0 for r in ok),
         "rows_in_failed_shards": sum(f["rows_in"] for f in failed),
         # an unreadable file's rows are unknown (counted as 0 above): its shard failed and is named
         "input_files_unreadable": sum(1 for f in plan.files if f.get("rows") is None),
@@ -230,6 +231,8 @@ def _summary(totals: dict, per_actor: dict, quiet: bool) -> None:
         f"  scored            {scored:>12,}",
         f"  rejected          {totals['rows_rejected']:>12,}   (see OUT/rejects/, column reject_reason)",
         f"  not rescored      {totals['rows_not_rescored']:>12,}   (below --rerank-depth)",
+        *([f"  float32 rescored  {totals['float32_rescored']:>12,}   (distinct pairs whose fp16/bf16 score overflowed "
+           f"to NaN/inf)"] if totals["float32_rescored"] else []),
         f"  shards            {totals['shards']:>12,}   failed {totals['shards_failed']}, retries {totals['retries']}",
         f"  wall time         {wall:>12.1f} s  (Ray start {totals['ray_start_s']:.1f} s, actor start and model "
         f"load {totals['actor_start_s']:.1f} s, scoring {totals['score_after_ready_s']:.1f} s, "

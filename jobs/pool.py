@@ -59,11 +59,9 @@ def actor_resources(num_actors: int | None, engine: dict | None = None) -> tuple
     """How many actors, and what each asks of Ray: one per GPU, else one CPU actor using a node's cores.
     ActorStartError, before any actor starts, for engine settings no actor of this cluster could run."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    device, dtype = (engine or {}).get("device", "auto"), (engine or {}).get("dtype", "auto")
+    device = (engine or {}).get("device", "auto")
     if str(device).startswith("cuda") and not gpus:
         raise ActorStartError(f"--device {device}, but the Ray cluster has no GPU")
-    if dtype == "float16" and (device == "cpu" or not gpus):
-        raise ActorStartError("--dtype float16 needs a GPU, and these actors run on CPU: use float32 or bfloat16")
     node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
     total_cpus = sum(node_cpus)
     if gpus:

@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     eng.add_argument("--engine", choices=["auto", "packed", "padded"], default="auto",
                      help="packed = padding-free (auto picks it when the architecture allows)")
     eng.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
-                     help="auto = float16 on CUDA, float32 on CPU")
+                     help="auto = on CUDA bfloat16 for a checkpoint saved in it, else float16; float32 on CPU")
     eng.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
     eng.add_argument("--max-batch-tokens", type=_positive, default=None, help="token budget per forward pass")
     eng.add_argument("--device", default="auto", help="auto, cpu, cuda")

@@ -20,6 +20,7 @@ from jobs.plan import source_fields
 from jobs.read_ahead import ShardReader
 from schemas.contract import (
     DOC, FIRST_STAGE_RANK, QUERY, RESCORED, ROW, SCORE, ColumnMap, split_rejects, to_canonical,
+    with_reasons,
 )
 
 
@@ -91,8 +92,8 @@ class ShardWorker:
         part_of = np.repeat(np.arange(len(shard["parts"]), dtype=np.int32),
                             [p["row_end"] - p["row_start"] for p in shard["parts"]])
         source_row = np.concatenate([np.arange(p["row_start"], p["row_end"], dtype=np.int64) for p in shard["parts"]])
-        accepted, rejected, _ = split_rejects(to_canonical(table, self.cols), source_row,
-                                              (part_of, [p["uri"] for p in shard["parts"]]))
+        files = [p["uri"] for p in shard["parts"]]
+        accepted, rejected, keep = split_rejects(to_canonical(table, self.cols), source_row, (part_of, files))
 
         depth = self.spec.get("rerank_depth")
         rescore = np.ones(accepted.num_rows, dtype=bool)
@@ -106,6 +107,13 @@ class ShardWorker:
         maybe_fail(self.spec, shard, attempt, "after_score")
         full = np.zeros(accepted.num_rows, dtype=np.float32)
         full[idx] = scores
+        broken = ~np.isfinite(full)
+        if broken.any():  # NaN/inf even in float32 (kernels/overflow.py): a NaN would sort anywhere
+            reasons = np.full(len(full), None, dtype=object)
+            reasons[broken] = [f"score is {v} even in float32: the model overflows on this pair" for v in full[broken]]
+            rejected = pa.concat_tables([rejected, with_reasons(accepted, broken, reasons, source_row[keep],
+                                                                (part_of[keep], files))])
+            accepted, full, rescore = accepted.filter(pa.array(~broken)), full[~broken], rescore[~broken]
         score_col = pa.array(full, pa.float32(), mask=~rescore)
 
         scored = accepted.append_column(SCORE, score_col).append_column(RESCORED, pa.array(rescore))
@@ -114,7 +122,8 @@ class ShardWorker:
         stats.update(
             status="ok", error=None, rows_scored=accepted.num_rows, rows_rejected=rejected.num_rows,
             rows_not_rescored=int((~rescore).sum()), duplicate_pairs=st.duplicate_pairs,
-            truncated_pairs=st.truncated_pairs, real_tokens=st.real_tokens, computed_tokens=st.computed_tokens,
+            truncated_pairs=st.truncated_pairs, float32_rescored=st.float32_rescored, real_tokens=st.real_tokens,
+            computed_tokens=st.computed_tokens,
             padding_efficiency=st.padding_efficiency, batches=st.batches, oom_splits=st.oom_splits,
             tokenize_s=st.tokenize_s, model_s=st.model_s, wall_s=wall, scored_at=time.time(),
             pairs_per_s=len(idx) / wall if wall else 0.0, tokens_per_s=st.real_tokens / wall if wall else 0.0,

@@ -68,3 +68,23 @@ def padding_efficiency(lengths: np.ndarray, batches: list[np.ndarray], *, padded
     else:
         computed = sum(len(b) * padded_length(int(lengths[b].max()), buckets) for b in batches)
     return real, computed
+
+
+def padded_layout(enc, index: np.ndarray, length: int, pad_id: int, use_types: bool) -> dict:
+    """Pairs `index` of `enc` (kernels.pairs.EncodedPairs) as `[B, length]` arrays for a Hugging Face model's
+    padded forward: input_ids, attention_mask and (for models that take them) token_type_ids."""
+    from kernels.pairs import scatter_segments
+
+    lengths = enc.lengths[index]
+    starts = enc.offsets[:-1][index]
+    B = len(index)
+    dst = np.arange(B, dtype=np.int64) * length
+    ids = np.full(B * length, pad_id, dtype=np.int64)
+    scatter_segments(ids, dst, enc.ids, starts, lengths)
+    out = {"input_ids": ids.reshape(B, length),
+           "attention_mask": (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)}
+    if use_types:
+        types = np.zeros(B * length, dtype=np.int64)
+        scatter_segments(types, dst, enc.type_ids, starts, lengths)
+        out["token_type_ids"] = types.reshape(B, length)
+    return out

@@ -11,7 +11,7 @@ ACTIVATIONS = ("identity", "sigmoid")
 @dataclass
 class EngineConfig:
     device: str = "auto"  # "auto" = cuda when visible, else cpu
-    dtype: str = "auto"  # auto = float16 on CUDA (what reranker checkpoints are served in), float32 on CPU
+    dtype: str = "auto"  # auto = on CUDA bfloat16 for a checkpoint saved in it, else float16; float32 on CPU
     compile: bool | None = None  # None = on for CUDA, off for CPU (compile costs minutes, wins little on CPU)
     engine: str = "auto"  # auto = packed (padding-free) when the architecture supports it, else padded
     max_length: int | None = None  # None = the model's own limit; pairs longer are truncated longest-first

@@ -22,9 +22,11 @@ from dataclasses import dataclass, asdict, field
 import numpy as np
 import torch
 
-from kernels.batching import LENGTH_BUCKETS, PACKED_TOTAL_MULTIPLE, padded_length, plan_batches
+from kernels.batching import LENGTH_BUCKETS, PACKED_TOTAL_MULTIPLE, padded_layout, padded_length, plan_batches
 from kernels.config import EngineConfig
-from kernels.loading import LoadedModel, check_head, cpu_threads, load_model, resolve_device, resolve_dtype
+from kernels.loading import (
+    LoadedModel, check_head, cpu_threads, load_model, resolve_device, resolve_dtype, saved_dtype,
+)
 from kernels.pairs import EncodedPairs, PairEncoder, scatter_segments as _gather
 
 MIN_BATCH_TOKENS = 256
@@ -43,6 +45,8 @@ class ScoreStats:
     model_s: float = 0.0  # time the caller waited on the device loop
     wall_s: float = 0.0
     oom_splits: int = 0
+    float32_rescored: int = 0  # distinct pairs whose low-precision score was NaN/inf, scored again in float32
+    nonfinite: int = 0  # distinct pairs whose score is NaN/inf even so (the model itself): the caller decides
     max_batch_tokens: int = 0  # the budget in force at the end (lower than configured after an OOM)
 
     @property
@@ -118,16 +122,21 @@ class Engine:
             # compiles static shapes and the second recompiles dynamic ones: twice the start-up.
             self._forward = torch.compile(self._forward, mode=cfg.extra.get("compile_mode"), dynamic=True)
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        self.rescorer = None  # kernels.overflow.Float32Rescorer, made when a low-precision score is NaN/inf
         self.oom_above_tokens = int(cfg.extra.get("oom_above_tokens") or os.environ.get("CROSSRANK_FAULT_OOM_ABOVE_TOKENS", 0))
         if not cuda:
             torch.set_num_threads(cpu_threads())
+            if dtype == torch.float16:
+                log.warning("float16 on CPU is faster than float32 only where the CPU has AVX512-FP16 or AMX "
+                            "(measured 1.04-1.2x on a 2-core Sapphire Rapids), and slower elsewhere")
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, cfg: EngineConfig | None = None, *, revision: str | None = None,
                         trust_remote_code: bool = False) -> "Engine":
         cfg = cfg or EngineConfig()
         device = resolve_device(cfg.device)
-        dtype = resolve_dtype(cfg.dtype, device)
+        saved = saved_dtype(name_or_path, revision, trust_remote_code) if cfg.dtype == "auto" else None
+        dtype = resolve_dtype(cfg.dtype, device, saved)
         loaded = load_model(name_or_path, device=device, dtype=dtype, revision=revision,
                             trust_remote_code=trust_remote_code)
         return cls(loaded, cfg, device, dtype)
@@ -139,7 +148,7 @@ class Engine:
 
         cfg = cfg or EngineConfig()
         device = resolve_device(cfg.device)
-        dtype = resolve_dtype(cfg.dtype, device)
+        dtype = resolve_dtype(cfg.dtype, device, getattr(model.config, "dtype", None))
         model = model.eval().to(device=device, dtype=dtype)
         return cls(LoadedModel(model, tokenizer, model_max_length(model.config, tokenizer, model)), cfg, device, dtype)
 
@@ -256,17 +265,8 @@ class Engine:
         use_types = self.encoder.template.uses_token_types
         if self.kind == "padded":
             L = min(padded_length(int(lengths.max()), self.buckets), self.max_length)  # within the position table
-            B = len(index)
-            ids = np.full(B * L, self.pad_id, dtype=np.int64)
-            dst = np.arange(B, dtype=np.int64) * L
-            _gather(ids, dst, enc.ids, starts, lengths)
-            t = {"input_ids": ids.reshape(B, L),
-                 "attention_mask": (np.arange(L)[None, :] < lengths[:, None]).astype(np.int64)}
-            if use_types:
-                types = np.zeros(B * L, dtype=np.int64)
-                _gather(types, dst, enc.type_ids, starts, lengths)
-                t["token_type_ids"] = types.reshape(B, L)
-            computed = B * L
+            t = padded_layout(enc, index, L, self.pad_id, use_types)
+            computed = len(index) * L
         else:
             from kernels.packed import position_ids_for
 
@@ -446,9 +446,26 @@ class Engine:
                         ahead.append(pool.submit(self._prepare, s, uq[s:e], ud[s:e]))
                         submitted += 1
                     self._score_chunk(chunk, scores, stats)
+        self._mend_nonfinite(uq, ud, scores, stats)
         stats.max_batch_tokens = self.budget
         stats.wall_s = time.perf_counter() - t0
         return scores[inverse], stats
+
+    def _mend_nonfinite(self, queries: list[str], docs: list[str], scores: np.ndarray, stats: ScoreStats) -> None:
+        """Rescore in float32 the pairs whose fp16/bf16 score overflowed to NaN or inf (kernels/overflow.py)."""
+        bad = np.flatnonzero(~np.isfinite(scores))
+        if not len(bad):
+            return
+        if self.dtype != torch.float32:
+            from kernels.overflow import Float32Rescorer
+
+            if self.rescorer is None:
+                self.rescorer = Float32Rescorer(self.model, self.encoder, self.pad_id, self.two_class,
+                                                max(MIN_BATCH_TOKENS, self.configured_budget // 2), self.device)
+            fixed = torch.from_numpy(self.rescorer.logits([queries[i] for i in bad], [docs[i] for i in bad]))
+            scores[bad] = (torch.sigmoid(fixed) if self.cfg.activation == "sigmoid" else fixed).numpy()
+            stats.float32_rescored = len(bad)
+        stats.nonfinite = int((~np.isfinite(scores[bad])).sum())
 
     def warmup(self, pairs: int = 0) -> float:
         """Run every shape the planner tends to produce once (compiles them); returns seconds spent, and

@@ -25,12 +25,25 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if device.type == "cpu" and dtype == "float16":
-        raise ValueError("float16 on CPU is slow and inexact; use float32 or bfloat16 there")
-    return DTYPE_BY_NAME[dtype]
+def resolve_dtype(dtype: str, device: torch.device, saved: torch.dtype | str | None = None) -> torch.dtype:
+    """`auto`: float32 on CPU; on CUDA bfloat16 for a checkpoint saved in bfloat16 (trained in it, its
+    activations may pass fp16's 65,504) where the GPU has it, else float16 (vLLM's rule). `saved` is the
+    config's `dtype`."""
+    if dtype != "auto":
+        return DTYPE_BY_NAME[dtype]
+    if device.type != "cuda":
+        return torch.float32
+    if str(saved).removeprefix("torch.") == "bfloat16" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def saved_dtype(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The dtype a checkpoint's config says it was saved in (None when it does not say)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    return getattr(config, "dtype", None)
 
 
 def model_max_length(config, tokenizer, model=None) -> int:

@@ -128,7 +128,10 @@ class PaddedSDPA:
                 raise ValueError(f"cu_seqlens ends at {total} but there are {num_tokens} tokens")
             length = max(longest, 1)
         slot = torch.arange(length, device=cu.device)  # [L]
-        gather = (cu[:-1, None] + slot[None, :]).clamp(max=max(num_tokens - 1, 0))  # [B, L]
+        # A padding slot repeats its own sequence's first token, never a neighbour's: masked keys still meet
+        # their values (weight 0), and 0 x NaN is NaN, so one pair that overflowed would poison its batch.
+        own = torch.where(slot[None, :] < lengths[:, None], slot[None, :], 0)  # [B, L]
+        gather = (cu[:-1, None] + own).clamp(max=max(num_tokens - 1, 0))  # [B, L]
         # An empty sequence keeps slot 0 as its one key, so its (discarded) row stays finite rather than NaN.
         key_mask = (slot[None, :] < lengths.clamp(min=1)[:, None])[:, None, None, :]  # [B, 1, 1, L]
         seq = torch.arange(batch, device=cu.device).repeat_interleave(lengths, output_size=num_tokens)  # [T]

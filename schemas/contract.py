@@ -51,6 +51,8 @@ STATS_SCHEMA = pa.schema([
     ("status", pa.string()), ("error", pa.string()), ("attempts", pa.int32()),
     ("rows_in", pa.int64()), ("rows_scored", pa.int64()), ("rows_rejected", pa.int64()),
     ("rows_not_rescored", pa.int64()), ("duplicate_pairs", pa.int64()), ("truncated_pairs", pa.int64()),
+    # distinct pairs whose fp16/bf16 score overflowed to NaN/inf and were scored again in float32
+    ("float32_rescored", pa.int64()),
     ("real_tokens", pa.int64()), ("computed_tokens", pa.int64()), ("padding_efficiency", pa.float64()),
     ("batches", pa.int64()), ("oom_splits", pa.int64()),
     ("read_s", pa.float64()), ("tokenize_s", pa.float64()), ("model_s", pa.float64()), ("write_s", pa.float64()),
@@ -176,7 +178,7 @@ def to_canonical(table: pa.Table, cols: ColumnMap) -> pa.Table:
 
 def split_rejects(table: pa.Table, source_row: np.ndarray, source_file: tuple[np.ndarray, list[str]] | None = None
                   ) -> tuple[pa.Table, pa.Table, np.ndarray]:
-    """(accepted rows, rejected rows with reason, source file and source row, accepted rows' source rows).
+    """(accepted rows, rejected rows with reason, source file and source row, bool mask of the accepted rows).
 
     `table` has canonical names; `source_file` is each row's index into a list of file names (one file when
     not given). Every row lands in exactly one of the two tables.
@@ -202,11 +204,16 @@ def split_rejects(table: pa.Table, source_row: np.ndarray, source_file: tuple[np
     if FIRST_STAGE_RANK in table.column_names:
         flag(pc.less(table[FIRST_STAGE_RANK], 1), f"{FIRST_STAGE_RANK} is below 1")
     bad = reasons != None  # noqa: E711
-    keep = pa.array(~bad)
+    return table.filter(pa.array(~bad)), with_reasons(table, bad, reasons, source_row, source_file), ~bad
+
+
+def with_reasons(table: pa.Table, bad: np.ndarray, reasons: np.ndarray, source_row: np.ndarray,
+                 source_file: tuple[np.ndarray, list[str]] | None = None) -> pa.Table:
+    """The rows of `table` where `bad`, as rejects: each with its reason (`reasons`, one per row of `table`),
+    the file it came from and its row there."""
     rejected = table.filter(pa.array(bad))
     rejected = rejected.append_column(REJECT_REASON, pa.array(reasons[bad].tolist(), pa.string()))
-    codes, names = source_file if source_file is not None else (np.zeros(n, np.int32), [None])
+    codes, names = source_file if source_file is not None else (np.zeros(table.num_rows, np.int32), [None])
     files = pa.DictionaryArray.from_arrays(pa.array(codes[bad], pa.int32()), pa.array(names, pa.string()))
     rejected = rejected.append_column(SOURCE_FILE, files.cast(pa.string()))
-    rejected = rejected.append_column(SOURCE_ROW, pa.array(source_row[bad], pa.int64()))
-    return table.filter(keep), rejected, source_row[~bad]
+    return rejected.append_column(SOURCE_ROW, pa.array(source_row[bad], pa.int64()))

@@ -230,8 +230,8 @@ def test_failures_and_budget_become_rows(tmp_path):
     bench = Bench(device="cpu", repeats=1, out_dir=str(tmp_path), verbose=False)
     bundle = bench.model("tiny")
     pairs = bench.pairs("msmarco", 8, 4)
-    bad = bench.run_engine(bundle, pairs, EngineSpec(engine="padded", dtype="float16"))  # fp16 refused on CPU
-    assert bad["status"] == "error" and "float16" in bad["error"]
+    bad = bench.run_engine(bundle, pairs, EngineSpec(engine="padded", max_batch_tokens=8))  # the engine refuses it
+    assert bad["status"] == "error" and "max_batch_tokens must be >= 16" in bad["error"]
     bench.budget_s = 0.0
     skipped = bench.run_engine(bundle, pairs, EngineSpec(engine="padded"), est_s=5)
     assert skipped["status"] == "skipped" and "time budget" in skipped["error"]

@@ -60,9 +60,9 @@ def test_split_rejects_reasons_and_rows():
         "doc": ["x", "x", "x", "", "x", "x"],
         "first_stage_score": [1.0, 2.0, 3.0, 4.0, float("nan"), 1.0],
     })
-    ok, rej, rows = split_rejects(t, np.arange(10, 16))
+    ok, rej, keep = split_rejects(t, np.arange(10, 16))
     assert ok.num_rows + rej.num_rows == t.num_rows
-    assert ok["query_id"].to_pylist() == ["a"] and rows.tolist() == [10]
+    assert ok["query_id"].to_pylist() == ["a"] and keep.tolist() == [True] + [False] * 5
     assert dict(zip(rej["source_row"].to_pylist(), rej["reject_reason"].to_pylist())) == {
         11: "query_id is null", 12: "query is empty or whitespace", 13: "doc is empty or whitespace",
         14: "first_stage_score is NaN or infinite", 15: "query is null"}
