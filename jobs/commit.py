@@ -90,13 +90,16 @@ def _write_keys(spec: dict, layout: OutputLayout, shard: dict, scored: pa.Table)
 
 
 def maybe_fail(spec: dict, shard: dict, attempt: int, point: str) -> None:
-    """Fault injection for tests: die like a crashed process at a chosen point, on the first `attempts`
-    attempts; with `sleep_s`, first pause that long before scoring (so a test can act mid-shard), and with
+    """Fault injection for tests: die like a crashed process at a chosen point (or hang there, at point
+    `hang_<point>`), on the first `attempts` attempts; with `sleep_s`, first pause that long before scoring (so a test can act mid-shard), and with
     `commit_sleep_s` before committing (a slow upload)."""
     fault = spec.get("fault") or {}
     if fault.get("shard", "") in shard["name"]:
         pause = {"before_score": fault.get("sleep_s"), "before_commit": fault.get("commit_sleep_s")}.get(point)
         if pause:
             time.sleep(float(pause))
-    if fault.get("point") == point and fault.get("shard", "") in shard["name"] and attempt <= fault.get("attempts", 1):
+    chosen = fault.get("shard", "") in shard["name"] and attempt <= fault.get("attempts", 1)
+    if fault.get("point") == point and chosen:
         os._exit(fault.get("exit_code", 17))
+    if fault.get("point") == f"hang_{point}" and chosen:  # a wedged GPU or a call that never returns
+        time.sleep(24 * 3600)

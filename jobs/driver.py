@@ -54,7 +54,8 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
             delete_dir(old)
         n, resources = actor_resources(args.num_actors, spec.get("engine"))
         pool = ActorPool(spec, n, resources, max_retries=args.max_shard_retries,
-                         recover=lambda shard: _committed_stats(layout, shard))
+                         recover=lambda shard: _committed_stats(layout, shard),
+                         shard_timeout=args.shard_timeout)
         bar = _progress(sum(shard_rows_of(s) for s in pending), args.quiet)
 
         def on_done(stats: dict) -> None:
@@ -72,14 +73,14 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
                            # Per actor: start-up cost, and whether its compiled graphs came from the node's cache
                            "actor_starts": [{k: i.get(k) for k in ("actor", "load_s", "warmup_s", "compile_cache")}
                                             for i in infos]}
-            replaced, recovered = pool.replaced, pool.recovered
+            replaced, recovered, timeouts = pool.replaced, pool.recovered, pool.timeouts
             first_ready = pool.first_ready
         finally:
             pool.shutdown()  # frees the GPUs (and a CPU actor's cores) for the ranking pass
             bar.close()
         _withdraw_rejects(layout, failed)
     else:
-        replaced = recovered = 0
+        replaced = recovered = timeouts = 0
     score_end = time.perf_counter()
     score_s = score_end - score_t0
     actor_start_s = min(first_ready - score_t0_mono, score_s) if first_ready else 0.0  # reported apart
@@ -95,7 +96,7 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
     totals = _check_totals(plan, stats, failed)
     totals.update(wall_s=time.perf_counter() - t0, ray_start_s=ray_start_s, score_s=score_s,
                   actor_start_s=actor_start_s, score_after_ready_s=score_s - actor_start_s,
-                  finalize_s=finalize_s, actors_replaced=replaced,
+                  finalize_s=finalize_s, actors_replaced=replaced, shard_timeouts=timeouts,
                   shards_recovered_after_crash=recovered, docs_collapsed=collapsed,
                   ranking_buckets=plan.buckets, ranking_ran_in=ranked_in,
                   # Of the actors' time on shards, the share spent driving the model (the rest: reading,
@@ -233,7 +234,8 @@ def _summary(totals: dict, per_actor: dict, quiet: bool) -> None:
         f"  not rescored      {totals['rows_not_rescored']:>12,}   (below --rerank-depth)",
         *([f"  float32 rescored  {totals['float32_rescored']:>12,}   (distinct pairs whose fp16/bf16 score overflowed "
            f"to NaN/inf)"] if totals["float32_rescored"] else []),
-        f"  shards            {totals['shards']:>12,}   failed {totals['shards_failed']}, retries {totals['retries']}",
+        f"  shards            {totals['shards']:>12,}   failed {totals['shards_failed']}, retries {totals['retries']}"
+        f"{f', timed out {n}' if (n := totals.get('shard_timeouts')) else ''}",
         f"  wall time         {wall:>12.1f} s  (Ray start {totals['ray_start_s']:.1f} s, actor start and model "
         f"load {totals['actor_start_s']:.1f} s, scoring {totals['score_after_ready_s']:.1f} s, "
         f"ranking {totals['finalize_s']:.1f} s)",

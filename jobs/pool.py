@@ -12,7 +12,8 @@ not the node's memory). A CPU actor commits its shards itself: its cores are its
 
 One process scores or commits one shard at a time, so a death is charged to exactly one shard: the one the
 actor was running, or the one whose commit task died; unless that shard's commit had landed, when its stats
-are read back and nothing reruns. The charged shard's attempt count rises and it goes to a live actor; a
+are read back and nothing reruns. A call that outlives its time limit (`hang_limit`) is made a death: its
+actor, or its commit's process, is killed. The charged shard's attempt count rises and it goes to a live actor; a
 reserved shard goes back as it was, and commits in flight go on. A shard that fails `max_retries + 1` times
 is reported failed, never retried forever. An actor that dies while loading its model is replaced too (a
 bounded number of times); one whose model fails to load stops the job with the loader's error. Driver
@@ -37,6 +38,22 @@ from kernels.loading import then_now
 # Commits an actor may have in flight before it gets no new shard: one overlapping its next shard's scoring,
 # one more to absorb a slow upload; more would only pile scored shards up in the node's object store.
 MAX_COMMITS_PER_ACTOR = 2
+# --shard-timeout auto: a call is taken for hung past this many times the slowest time per row seen on a
+# finished call of its kind, and never before this floor. Lenient on purpose: a false alarm costs a shard's
+# work, a true one a job that would otherwise wait forever (a wedged GPU, a read or upload that never returns).
+AUTO_TIMEOUT_FACTOR = 20
+AUTO_TIMEOUT_FLOOR_S = 600.0
+
+
+def hang_limit(setting: float | None, slowest_s_per_row: float | None, rows: int) -> float | None:
+    """Seconds a call on `rows` rows may run before it is taken for hung; None: no limit. `setting` is
+    --shard-timeout (None = auto, 0 = never); `slowest_s_per_row` the slowest finished call of its kind so far
+    (None before any: the first shards' speed is unknown, and a CPU actor may take hours over one)."""
+    if setting is not None:
+        return setting or None
+    if slowest_s_per_row is None:
+        return None
+    return max(AUTO_TIMEOUT_FLOOR_S, AUTO_TIMEOUT_FACTOR * slowest_s_per_row * max(rows, 1))
 
 
 class ActorStartError(RuntimeError):
@@ -51,6 +68,7 @@ class _Slot:
     ready: bool = False
     info: dict = field(default_factory=dict)
     running: tuple | None = None  # (stats ref, output ref, shard, attempt): the one call this actor is executing
+    since: float = 0.0  # when that call started (an actor runs one call at a time: it starts when sent)
     reserved: tuple | None = None  # (shard, attempt): its next shard, which it is reading ahead
     commits: int = 0  # its scored shards whose commit tasks are still running
 
@@ -75,9 +93,9 @@ def actor_resources(num_actors: int | None, engine: dict | None = None) -> tuple
 
 class ActorPool:
     def __init__(self, spec: dict, num_actors: int, resources: dict, *, max_retries: int,
-                 start_timeout_s: float = 900.0, recover=None):
+                 start_timeout_s: float = 900.0, recover=None, shard_timeout: float | None = None):
         """`recover(shard) -> stats | None`: a shard's committed stats, asked when the process that was
-        committing it died (its reply lost with it)."""
+        committing it died (its reply lost with it). `shard_timeout`: see `hang_limit`."""
         self.spec = spec
         self.target = num_actors
         self.resources = resources
@@ -96,6 +114,11 @@ class ActorPool:
         self.start_failures = 0
         self.recovered = 0
         self.first_ready: float | None = None
+        self.shard_timeout = shard_timeout
+        self.slowest: dict[str, float] = {}  # call kind -> slowest seconds per row of a finished call
+        self.timeouts = 0
+        # An actor that scores and commits in one call ("process") has its own pace, apart from "score".
+        self.call_kind = "score" if self.commit_apart else "process"
         for _ in range(num_actors):
             self._add()
 
@@ -143,9 +166,10 @@ class ActorPool:
                 if ref in pending_ready:
                     self._started(pending_ready[ref])
                 elif ref in commits:
-                    shard, attempt, slot = commits.pop(ref)
+                    shard, attempt, slot, since = commits.pop(ref)
                     slot.commits -= 1
-                    self._settle_commit(ref, shard, attempt, on_done, retry_or_fail)
+                    if self._settle_commit(ref, shard, attempt, on_done, retry_or_fail):
+                        self._observe("commit", shard, since)
                 else:
                     slot = calls[ref]
                     _, output_ref, shard, attempt = slot.running
@@ -153,7 +177,8 @@ class ActorPool:
                     try:
                         stats = ray.get(ref)
                     except RayActorError as e:
-                        self._settle_dead_actor(slot, shard, attempt, e, on_done, queue, retry_or_fail)
+                        self._settle_dead_actor(slot, shard, attempt, f"actor died: {type(e).__name__}: "
+                                                f"{_first_line(e)}", on_done, queue, retry_or_fail)
                         continue
                     except RayTaskError as e:
                         # A CPU actor commits itself: an error after its commit landed (an object store's
@@ -163,12 +188,46 @@ class ActorPool:
                     except RayError as e:  # e.g. the actor's worker was killed by Ray's memory monitor
                         retry_or_fail(shard, attempt, f"{type(e).__name__}: {_first_line(e)}")
                         continue
+                    self._observe(self.call_kind, shard, slot.since)
                     if output_ref is None:  # scored and committed by the actor itself
                         on_done(stats)
                         continue
-                    commits[self._commit(slot, shard, attempt, stats, output_ref)] = (shard, attempt, slot)
+                    commits[self._commit(slot, shard, attempt, stats, output_ref)] = (shard, attempt, slot,
+                                                                                      time.monotonic())
                     slot.commits += 1
+            self._expire(commits, queue, on_done, retry_or_fail)
         return failed
+
+    def _observe(self, kind: str, shard: dict, since: float) -> None:
+        per_row = (time.monotonic() - since) / max(shard_rows_of(shard), 1)
+        self.slowest[kind] = max(self.slowest.get(kind, 0.0), per_row)
+
+    def _expire(self, commits: dict, queue: deque, on_done, retry_or_fail) -> None:
+        """Calls past their `hang_limit` are taken for hung: a scoring actor is killed and replaced, a commit
+        task's process is killed; either way the shard is charged an attempt and goes to a live actor, unless
+        its commit had landed. Without this, one wedged GPU or a read that never returns holds the job forever."""
+        now = time.monotonic()
+        for slot in list(self.slots):
+            if not slot.running:
+                continue
+            shard, attempt = slot.running[2], slot.running[3]
+            limit = hang_limit(self.shard_timeout, self.slowest.get(self.call_kind), shard_rows_of(shard))
+            if limit is not None and now - slot.since > limit:
+                slot.running = None
+                self.timeouts += 1
+                self._settle_dead_actor(slot, shard, attempt, f"timed out: no result after {now - slot.since:.0f} s "
+                                        f"(limit {limit:.0f} s, --shard-timeout); actor killed and replaced",
+                                        on_done, queue, retry_or_fail)
+        for ref, (shard, attempt, slot, since) in list(commits.items()):
+            limit = hang_limit(self.shard_timeout, self.slowest.get("commit"), shard_rows_of(shard))
+            if limit is not None and now - since > limit:
+                ray.cancel(ref, force=True)  # kills the process running it: its writes are atomic
+                del commits[ref]
+                slot.commits -= 1
+                self.timeouts += 1
+                self._recover_or_retry(shard, attempt, f"commit timed out: no result after {now - since:.0f} s "
+                                       f"(limit {limit:.0f} s, --shard-timeout); its process was killed",
+                                       on_done, retry_or_fail)
 
     def _commit(self, slot: _Slot, shard: dict, attempt: int, stats: dict, output_ref):
         """Start the shard's commit task on the actor's node (its output is in that node's object store)."""
@@ -177,12 +236,12 @@ class ActorPool:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(slot.info["node_id"], soft=True)
         return self.commit_fn.options(**options).remote(self.spec, shard, attempt, stats, output_ref)
 
-    def _settle_commit(self, ref, shard: dict, attempt: int, on_done, retry_or_fail) -> None:
+    def _settle_commit(self, ref, shard: dict, attempt: int, on_done, retry_or_fail) -> bool:
         """A commit task ended: done; or it failed or its process died, which costs the shard an attempt (it is
         scored again) unless the commit had landed first. A commit whose input was lost with its node is
         charged too, and says so: a node's loss charges each shard it was scoring or committing."""
         try:
-            on_done(ray.get(ref))
+            stats = ray.get(ref)
         except RayTaskError as e:
             lost = isinstance(e, ObjectLostError) or isinstance(getattr(e, "cause", None), ObjectLostError)
             reason = "commit lost its input (its node's object store is gone)" if lost else f"commit failed: {_short(e)}"
@@ -190,6 +249,10 @@ class ActorPool:
         except RayError as e:
             self._recover_or_retry(shard, attempt, f"commit process died: {type(e).__name__}: {_first_line(e)}",
                                    on_done, retry_or_fail)
+        else:
+            on_done(stats)
+            return True
+        return False
 
     def _recover_or_retry(self, shard: dict, attempt: int, reason: str, on_done, retry_or_fail) -> None:
         stats = self.recover(shard)
@@ -219,6 +282,7 @@ class ActorPool:
             else:
                 stats_ref, output_ref = slot.handle.process.remote(job[0], job[1], ahead), None
             slot.running = (stats_ref, output_ref, *job)
+            slot.since = time.monotonic()
 
     def _steal(self) -> tuple | None:
         """A shard reserved by a busy actor (scoring, or held back by its commits in flight), so no actor idles
@@ -255,7 +319,7 @@ class ActorPool:
         except Exception as e:
             raise ActorStartError(f"actor failed to start: {e}") from e
 
-    def _settle_dead_actor(self, slot: _Slot, shard: dict, attempt: int, error: RayActorError, on_done,
+    def _settle_dead_actor(self, slot: _Slot, shard: dict, attempt: int, reason: str, on_done,
                            queue: deque, retry_or_fail) -> None:
         """An actor died running `shard`: replace it; the shard is charged an attempt (a shard that kills its
         actor every time ends up reported, not retried forever) unless, committing in the actor, it had
@@ -266,8 +330,7 @@ class ActorPool:
             slot.reserved = None
         if slot in self.slots:
             self._drop(slot, replace=True)
-        self._recover_or_retry(shard, attempt, f"actor died: {type(error).__name__}: {_first_line(error)}",
-                               on_done, retry_or_fail)
+        self._recover_or_retry(shard, attempt, reason, on_done, retry_or_fail)
 
     def actor_info(self) -> list[dict]:
         return [s.info for s in self.slots if s.ready]

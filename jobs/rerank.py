@@ -26,6 +26,21 @@ from kernels.loading import model_identity, model_provenance, then_now
 from schemas.contract import STATS_SCHEMA, ColumnMap, InputSchemaError
 
 
+def _timeout(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be auto or seconds >= 0, got {text}")
+    return value
+
+
+_timeout.__name__ = "auto or seconds"
+
+
 def _at_least(low: int):
     def parse(text: str) -> int:
         value = int(text)
@@ -75,6 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pool.add_argument("--num-actors", type=_positive, default=None, help="default: one per GPU, or one CPU actor")
     pool.add_argument("--max-shard-retries", type=_at_least(0), default=2,
                       help="retries of a failing shard before it is reported (default %(default)s)")
+    pool.add_argument("--shard-timeout", type=_timeout, default=None, metavar="SECONDS|auto",
+                      help="a shard's scoring or commit running longer is taken for hung: its actor or task is "
+                           "killed and the shard retried; auto (default) = 20x the slowest time per row of a "
+                           "finished shard, at least 10 min; 0 = never")
     rank = ap.add_argument_group("ranking")
     rank.add_argument("--rerank-depth", type=_positive, default=None,
                       help="rescore only first_stage_rank <= K; deeper rows stay below, in first-stage order")

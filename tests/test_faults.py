@@ -439,3 +439,40 @@ def test_attempt_over_changed_content_leaves_no_stale_keys(tiny_model, tmp_path)
     names = sorted(p.name for p in keys_dir.iterdir())
     assert stale.path.rsplit("/", 1)[-1] not in names and names, names
     assert sum(pq.read_metadata(keys_dir / n).num_rows for n in names) == 60
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point, actor", [("hang_before_score", "gpu"), ("hang_before_commit", "gpu"),
+                                          ("hang_before_commit", "cpu")])
+def test_a_hung_shard_is_killed_and_retried(ray_local, tiny_model, tmp_path, capsys, monkeypatch, point, actor):
+    """A call that never returns (a wedged GPU, a read or an upload that hangs) must not hold the job forever:
+    past --shard-timeout the actor (scoring; a CPU actor also commits) or the commit task's process is killed,
+    the shard charged an attempt and run again elsewhere, and every row still comes out once."""
+    import jobs.driver
+
+    if actor == "cpu":  # one CPU actor that scores and commits in one call
+        monkeypatch.setattr(jobs.driver, "actor_resources", lambda n, engine=None: (1, {"num_gpus": 0, "num_cpus": 1}))
+    inp = write_shortlists(tmp_path / "in", files=1, n_queries=8, per_query=20)  # 2 shards of 80 rows
+    names = shard_names(inp)
+    monkeypatch.setenv("CROSSRANK_FAULT_POINT", point)
+    monkeypatch.setenv("CROSSRANK_FAULT_SHARD", names[0])
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    rc, err = run_job(job_args(inp, out, tiny_model, "--shard-timeout", 6), capsys)
+    assert rc == 0, err
+    assert time.monotonic() - t0 < 120  # the hang lasts a day
+    assert_each_row_once(inp, out)
+    stats = stats_of(out)
+    assert stats[names[0]]["attempts"] == 2 and stats[names[1]]["attempts"] == 1, stats
+    totals = manifest_of(out)["totals"]
+    assert totals["shard_timeouts"] == 1 and totals["retries"] == 1, totals
+    assert totals["actors_replaced"] == (0 if (point, actor) == ("hang_before_commit", "gpu") else 1), totals
+
+
+def test_auto_shard_timeout_is_lenient_and_waits_for_a_pace():
+    from jobs.pool import AUTO_TIMEOUT_FLOOR_S, hang_limit
+
+    assert hang_limit(None, None, 500_000) is None  # no shard finished yet: no pace to judge by
+    assert hang_limit(None, 1e-5, 80) == AUTO_TIMEOUT_FLOOR_S  # fast shards: the floor
+    assert hang_limit(None, 0.03, 500_000) == 20 * 0.03 * 500_000  # a slow CPU actor: 20x its slowest shard
+    assert hang_limit(6.0, 0.03, 500_000) == 6.0 and hang_limit(0.0, 0.03, 80) is None  # given; 0 = never
