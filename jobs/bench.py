@@ -146,9 +146,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> str:
+def resolve_dtype(dtype: str, device: torch.device, bundle: "ModelBundle | None" = None) -> str:
+    """The job's rule for `auto` (kernels.loading.resolve_dtype: bf16 on CUDA for a checkpoint saved in it)."""
     if dtype == "auto":
-        return "float16" if device.type == "cuda" else "float32"
+        from kernels.loading import resolve_dtype as job_rule
+
+        saved = getattr(getattr(bundle and bundle.model, "config", None), "dtype", None)
+        return str(job_rule("auto", device, saved)).removeprefix("torch.")
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype must be auto or one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
     return dtype
@@ -562,7 +566,7 @@ class Bench:
     def run_engine(self, bundle: ModelBundle, pairs: bd.Pairs, spec: EngineSpec, *, est_s: float | None = None,
                    cap_s: float | None = None, repeats: int | None = None) -> dict:
         """One engine configuration: build, warm up (compile), time `repeats` passes, compare with the anchor."""
-        dtype = spec.dtype if spec.dtype != "auto" else resolve_dtype("auto", self.device)
+        dtype = spec.dtype if spec.dtype != "auto" else resolve_dtype("auto", self.device, bundle)
         spec = replace(spec, dtype=dtype)
         row = self._row("engine", bundle, pairs, label=spec.label(), engine=spec.engine, dtype=dtype,
                         compiled=spec.compile, compile_mode=spec.compile_mode, max_batch_tokens=spec.max_batch_tokens,
@@ -613,6 +617,7 @@ class Bench:
                 st = stats.to_dict()
                 row.update(computed_tokens=st["computed_tokens"], padding_efficiency=st["padding_efficiency"],
                            batches=st["batches"], oom_splits=st["oom_splits"], duplicate_pairs=st["duplicate_pairs"],
+                           float32_rescored=st["float32_rescored"],  # a low-precision row partly scored in fp32
                            tokenize_s=statistics.median(r[1].tokenize_s for r in runs),
                            model_s=statistics.median(r[1].model_s for r in runs),
                            peak_mem_gb=_peak_gb(self.device), rss_gb=rss_gb(), score_std=float(np.std(scores)))
@@ -651,7 +656,7 @@ class Bench:
     def run_anchor(self, bundle: ModelBundle, pairs: bd.Pairs, dtype: str = "auto", *, batch_size: int | None = None,
                    est_s: float | None = None, cap_s: float | None = None, repeats: int | None = None) -> dict:
         """sentence-transformers CrossEncoder.predict on the same weights and pairs, in `dtype`."""
-        dtype = resolve_dtype(dtype, self.device)
+        dtype = resolve_dtype(dtype, self.device, bundle)
         bs = batch_size or self.anchor_batch_size
         row = self._row("anchor", bundle, pairs, label=f"{ANCHOR_NAME} {DTYPE_SHORT[dtype]} bs{bs}",
                         engine=ANCHOR_NAME, dtype=dtype, compiled=False, batch_size=bs, repeats=repeats or self.repeats)

@@ -45,7 +45,7 @@ class ScoreStats:
     model_s: float = 0.0  # time the caller waited on the device loop
     wall_s: float = 0.0
     oom_splits: int = 0
-    float32_rescored: int = 0  # distinct pairs whose low-precision score was NaN/inf, scored again in float32
+    float32_rescored: int = 0  # distinct pairs whose low-precision score was NaN/inf, mended in float32
     nonfinite: int = 0  # distinct pairs whose score is NaN/inf even so (the model itself): the caller decides
     max_batch_tokens: int = 0  # the budget in force at the end (lower than configured after an OOM)
 
@@ -123,6 +123,7 @@ class Engine:
             self._forward = torch.compile(self._forward, mode=cfg.extra.get("compile_mode"), dynamic=True)
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
         self.rescorer = None  # kernels.overflow.Float32Rescorer, made when a low-precision score is NaN/inf
+        self._warned_overflow = False
         self.oom_above_tokens = int(cfg.extra.get("oom_above_tokens") or os.environ.get("CROSSRANK_FAULT_OOM_ABOVE_TOKENS", 0))
         if not cuda:
             torch.set_num_threads(cpu_threads())
@@ -456,16 +457,27 @@ class Engine:
         bad = np.flatnonzero(~np.isfinite(scores))
         if not len(bad):
             return
+        t0 = time.perf_counter()
         if self.dtype != torch.float32:
             from kernels.overflow import Float32Rescorer
 
             if self.rescorer is None:
-                self.rescorer = Float32Rescorer(self.model, self.encoder, self.pad_id, self.two_class,
-                                                max(MIN_BATCH_TOKENS, self.configured_budget // 2), self.device)
-            fixed = torch.from_numpy(self.rescorer.logits([queries[i] for i in bad], [docs[i] for i in bad]))
+                self.rescorer = Float32Rescorer(self.model, self.encoder, self.pad_id, self.two_class, self.device,
+                                                self.oom_above_tokens)
+            # float32 takes twice the memory a token; the budget in force is lower after an out-of-memory split
+            budget = max(MIN_BATCH_TOKENS, self.budget // 2)
+            fixed = torch.from_numpy(self.rescorer.logits([queries[i] for i in bad], [docs[i] for i in bad], budget))
             scores[bad] = (torch.sigmoid(fixed) if self.cfg.activation == "sigmoid" else fixed).numpy()
-            stats.float32_rescored = len(bad)
-        stats.nonfinite = int((~np.isfinite(scores[bad])).sum())
+            stats.nonfinite = int((~np.isfinite(scores[bad])).sum())
+            stats.float32_rescored = len(bad) - stats.nonfinite
+            if stats.float32_rescored > 0.05 * len(scores) and not self._warned_overflow:
+                self._warned_overflow = True
+                log.warning("%d of %d pairs overflowed in %s and were scored a second time, in float32: this model "
+                            "needs a wider dtype (--dtype bfloat16 has float32's range)", stats.float32_rescored,
+                            len(scores), str(self.dtype).removeprefix("torch."))
+        else:
+            stats.nonfinite = len(bad)
+        stats.model_s += time.perf_counter() - t0
 
     def warmup(self, pairs: int = 0) -> float:
         """Run every shape the planner tends to produce once (compiles them); returns seconds spent, and

@@ -33,9 +33,15 @@ def resolve_dtype(dtype: str, device: torch.device, saved: torch.dtype | str | N
         return DTYPE_BY_NAME[dtype]
     if device.type != "cuda":
         return torch.float32
-    if str(saved).removeprefix("torch.") == "bfloat16" and torch.cuda.is_bf16_supported():
+    if str(saved).removeprefix("torch.") == "bfloat16" and native_bf16(device):
         return torch.bfloat16
     return torch.float16
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 tensor cores (compute capability 8.0 on): older GPUs (T4, V100) only emulate bf16, slowly, though
+    `torch.cuda.is_bf16_supported()` says yes there by default."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def saved_dtype(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
