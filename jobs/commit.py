@@ -14,6 +14,7 @@ import hashlib
 import os
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -102,4 +103,6 @@ def maybe_fail(spec: dict, shard: dict, attempt: int, point: str) -> None:
     if fault.get("point") == point and chosen:
         os._exit(fault.get("exit_code", 17))
     if fault.get("point") == f"hang_{point}" and chosen:  # a wedged GPU or a call that never returns
+        if fault.get("break_device_file"):  # ...that takes the device with it: no actor starts there again
+            Path(fault["break_device_file"]).touch()
         time.sleep(24 * 3600)

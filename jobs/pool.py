@@ -12,8 +12,9 @@ not the node's memory). A CPU actor commits its shards itself: its cores are its
 
 One process scores or commits one shard at a time, so a death is charged to exactly one shard: the one the
 actor was running, or the one whose commit task died; unless that shard's commit had landed, when its stats
-are read back and nothing reruns. A call that outlives its time limit (`hang_limit`) is made a death: its
-actor, or its commit's process, is killed. The charged shard's attempt count rises and it goes to a live actor; a
+are read back and nothing reruns. A hang is made a death: an actor that stops giving signs of life (it
+beats at each step of a shard and after every batch, and the pool asks it for the beat's age on a thread of
+its own) or a commit task that runs too long (`commit_limit`) is killed. The charged shard's attempt count rises and it goes to a live actor; a
 reserved shard goes back as it was, and commits in flight go on. A shard that fails `max_retries + 1` times
 is reported failed, never retried forever. An actor that dies while loading its model is replaced too (a
 bounded number of times); one whose model fails to load stops the job with the loader's error. Driver
@@ -21,6 +22,7 @@ memory stays flat: a few shard descriptions per actor.
 """
 from __future__ import annotations
 
+import sys
 import time
 import traceback
 from collections import deque
@@ -38,22 +40,29 @@ from kernels.loading import then_now
 # Commits an actor may have in flight before it gets no new shard: one overlapping its next shard's scoring,
 # one more to absorb a slow upload; more would only pile scored shards up in the node's object store.
 MAX_COMMITS_PER_ACTOR = 2
-# --shard-timeout auto: a call is taken for hung past this many times the slowest time per row seen on a
-# finished call of its kind, and never before this floor. Lenient on purpose: a false alarm costs a shard's
-# work, a true one a job that would otherwise wait forever (a wedged GPU, a read or upload that never returns).
-AUTO_TIMEOUT_FACTOR = 20
-AUTO_TIMEOUT_FLOOR_S = 600.0
+# --shard-timeout auto: seconds an actor may go without a sign of life, and the least a commit may run. Lenient
+# on purpose: a false alarm costs a shard's work, a true one a job that would otherwise wait forever (a wedged
+# GPU, a read or upload that never returns). A commit gives no sign of life, so its limit also grows with
+# the slowest commit seen, per row.
+AUTO_TIMEOUT_S = 600.0
+COMMIT_TIMEOUT_FACTOR = 20
+PROBE_EVERY_S = 5.0  # how often a busy actor is asked for its beat (more often under a short --shard-timeout)
 
 
-def hang_limit(setting: float | None, slowest_s_per_row: float | None, rows: int) -> float | None:
-    """Seconds a call on `rows` rows may run before it is taken for hung; None: no limit. `setting` is
-    --shard-timeout (None = auto, 0 = never); `slowest_s_per_row` the slowest finished call of its kind so far
-    (None before any: the first shards' speed is unknown, and a CPU actor may take hours over one)."""
-    if setting is not None:
-        return setting or None
-    if slowest_s_per_row is None:
+def stall_limit(setting: float | None) -> float | None:
+    """Seconds an actor may stay silent (no batch done, no step of its shard) before it is taken for hung;
+    `setting` is --shard-timeout (None = auto, 0 = never). Silence, not duration: a shard slow in every batch
+    (long passages, a big model on a CPU) still beats, however long it takes."""
+    return AUTO_TIMEOUT_S if setting is None else (setting or None)
+
+
+def commit_limit(setting: float | None, slowest_s_per_row: float | None, rows: int) -> float | None:
+    """Seconds a commit of `rows` rows may run: the stall limit, or 20x the slowest commit so far per row
+    if longer (a commit cannot beat; it writes a shard's files)."""
+    base = stall_limit(setting)
+    if base is None:
         return None
-    return max(AUTO_TIMEOUT_FLOOR_S, AUTO_TIMEOUT_FACTOR * slowest_s_per_row * max(rows, 1))
+    return max(base, COMMIT_TIMEOUT_FACTOR * (slowest_s_per_row or 0.0) * max(rows, 1))
 
 
 class ActorStartError(RuntimeError):
@@ -69,6 +78,8 @@ class _Slot:
     info: dict = field(default_factory=dict)
     running: tuple | None = None  # (stats ref, output ref, shard, attempt): the one call this actor is executing
     since: float = 0.0  # when that call started (an actor runs one call at a time: it starts when sent)
+    probe: tuple | None = None  # (ref, sent at): the actor's answer to "how long since your last beat?"
+    probed: float = 0.0  # when that was last asked
     reserved: tuple | None = None  # (shard, attempt): its next shard, which it is reading ahead
     commits: int = 0  # its scored shards whose commit tasks are still running
 
@@ -95,14 +106,14 @@ class ActorPool:
     def __init__(self, spec: dict, num_actors: int, resources: dict, *, max_retries: int,
                  start_timeout_s: float = 900.0, recover=None, shard_timeout: float | None = None):
         """`recover(shard) -> stats | None`: a shard's committed stats, asked when the process that was
-        committing it died (its reply lost with it). `shard_timeout`: see `hang_limit`."""
+        committing it died (its reply lost with it). `shard_timeout`: see `stall_limit`."""
         self.spec = spec
         self.target = num_actors
         self.resources = resources
         self.max_retries = max_retries
         self.start_timeout_s = start_timeout_s
         self.recover = recover or (lambda shard: None)
-        self.remote_cls = ray.remote(ShardWorker)
+        self.remote_cls = ray.remote(concurrency_groups={"health": 1})(ShardActor)
         # Commits apart only where the actor scores on a GPU: a CPU actor's cores are its device, and a commit
         # beside it only competes for them (measured on 2 cores: job/engine 0.71x apart, 0.89x in the actor).
         self.commit_apart = resources.get("num_gpus", 0) > 0
@@ -115,10 +126,8 @@ class ActorPool:
         self.recovered = 0
         self.first_ready: float | None = None
         self.shard_timeout = shard_timeout
-        self.slowest: dict[str, float] = {}  # call kind -> slowest seconds per row of a finished call
+        self.slowest_commit: float | None = None  # seconds per row of the slowest finished commit task
         self.timeouts = 0
-        # An actor that scores and commits in one call ("process") has its own pace, apart from "score".
-        self.call_kind = "score" if self.commit_apart else "process"
         for _ in range(num_actors):
             self._add()
 
@@ -169,7 +178,8 @@ class ActorPool:
                     shard, attempt, slot, since = commits.pop(ref)
                     slot.commits -= 1
                     if self._settle_commit(ref, shard, attempt, on_done, retry_or_fail):
-                        self._observe("commit", shard, since)
+                        per_row = (time.monotonic() - since) / max(shard_rows_of(shard), 1)
+                        self.slowest_commit = max(self.slowest_commit or 0.0, per_row)
                 else:
                     slot = calls[ref]
                     _, output_ref, shard, attempt = slot.running
@@ -188,7 +198,6 @@ class ActorPool:
                     except RayError as e:  # e.g. the actor's worker was killed by Ray's memory monitor
                         retry_or_fail(shard, attempt, f"{type(e).__name__}: {_first_line(e)}")
                         continue
-                    self._observe(self.call_kind, shard, slot.since)
                     if output_ref is None:  # scored and committed by the actor itself
                         on_done(stats)
                         continue
@@ -198,36 +207,64 @@ class ActorPool:
             self._expire(commits, queue, on_done, retry_or_fail)
         return failed
 
-    def _observe(self, kind: str, shard: dict, since: float) -> None:
-        per_row = (time.monotonic() - since) / max(shard_rows_of(shard), 1)
-        self.slowest[kind] = max(self.slowest.get(kind, 0.0), per_row)
-
     def _expire(self, commits: dict, queue: deque, on_done, retry_or_fail) -> None:
-        """Calls past their `hang_limit` are taken for hung: a scoring actor is killed and replaced, a commit
-        task's process is killed; either way the shard is charged an attempt and goes to a live actor, unless
-        its commit had landed. Without this, one wedged GPU or a read that never returns holds the job forever."""
+        """Hangs are made deaths: an actor silent past `stall_limit` is killed and replaced, a commit task past
+        `commit_limit` has its process killed; the shard is charged an attempt and goes to a live actor,
+        unless its commit had landed. Without this, one wedged GPU or a read or upload that never returns
+        holds the job forever. A call whose result is already in is left to be settled, never taken for hung."""
         now = time.monotonic()
+        limit = stall_limit(self.shard_timeout)
         for slot in list(self.slots):
-            if not slot.running:
+            if not slot.running or limit is None or _ready(slot.running[0]):
                 continue
-            shard, attempt = slot.running[2], slot.running[3]
-            limit = hang_limit(self.shard_timeout, self.slowest.get(self.call_kind), shard_rows_of(shard))
-            if limit is not None and now - slot.since > limit:
-                slot.running = None
-                self.timeouts += 1
-                self._settle_dead_actor(slot, shard, attempt, f"timed out: no result after {now - slot.since:.0f} s "
-                                        f"(limit {limit:.0f} s, --shard-timeout); actor killed and replaced",
-                                        on_done, queue, retry_or_fail)
+            silent = self._silence(slot, now, limit)
+            if silent is None or silent <= limit:
+                continue
+            stats_ref, output_ref, shard, attempt = slot.running
+            slot.running = None
+            self.timeouts += 1
+            reason = (f"timed out: no sign of life from its actor for {silent:.0f} s (--shard-timeout "
+                      f"{'auto = ' if self.shard_timeout is None else ''}{limit:.0f} s); actor killed and replaced")
+            try:
+                ray.kill(slot.handle, no_restart=True)
+            except Exception:
+                pass
+            if output_ref is None:  # it commits itself: let its death settle, so a commit landing now is seen
+                ray.wait([stats_ref], timeout=30)
+            self._settle_dead_actor(slot, shard, attempt, reason, on_done, queue, retry_or_fail)
         for ref, (shard, attempt, slot, since) in list(commits.items()):
-            limit = hang_limit(self.shard_timeout, self.slowest.get("commit"), shard_rows_of(shard))
-            if limit is not None and now - since > limit:
-                ray.cancel(ref, force=True)  # kills the process running it: its writes are atomic
-                del commits[ref]
-                slot.commits -= 1
-                self.timeouts += 1
-                self._recover_or_retry(shard, attempt, f"commit timed out: no result after {now - since:.0f} s "
-                                       f"(limit {limit:.0f} s, --shard-timeout); its process was killed",
-                                       on_done, retry_or_fail)
+            climit = commit_limit(self.shard_timeout, self.slowest_commit, shard_rows_of(shard))
+            if climit is None or now - since <= climit or _ready(ref):
+                continue
+            ray.cancel(ref, force=True)  # kills the process running it: its writes are atomic
+            ray.wait([ref], timeout=30)  # and a commit that landed meanwhile is read back below
+            del commits[ref]
+            slot.commits -= 1
+            self.timeouts += 1
+            self._recover_or_retry(shard, attempt, f"commit timed out: no result after {now - since:.0f} s "
+                                   f"(limit {climit:.0f} s, --shard-timeout); its process was killed",
+                                   on_done, retry_or_fail)
+
+    def _silence(self, slot: _Slot, now: float, limit: float) -> float | None:
+        """Seconds the actor has been silent in its running call, as far as known now (None: not known yet):
+        its last answer to "how long since your last beat?" (asked every few seconds on its "health" thread),
+        or how long it has left that question unanswered (a process too wedged to answer is as hung as one
+        that answers late). Silence before the call was sent does not count (an actor may idle, held back by
+        its commits, and the question may be answered before the call's first beat)."""
+        silent = None
+        if slot.probe is not None:
+            ref, sent = slot.probe
+            if _ready(ref):
+                slot.probe = None
+                try:
+                    silent = ray.get(ref)
+                except RayError:
+                    return None  # the actor died: its running call's error settles the shard
+            elif now - sent > limit:
+                silent = now - sent
+        if slot.probe is None and now - slot.probed >= min(PROBE_EVERY_S, limit / 3):
+            slot.probe, slot.probed = (slot.handle.beat_age.remote(), now), now
+        return None if silent is None else min(silent, now - slot.since)
 
     def _commit(self, slot: _Slot, shard: dict, attempt: int, stats: dict, output_ref):
         """Start the shard's commit task on the actor's node (its output is in that node's object store)."""
@@ -282,7 +319,7 @@ class ActorPool:
             else:
                 stats_ref, output_ref = slot.handle.process.remote(job[0], job[1], ahead), None
             slot.running = (stats_ref, output_ref, *job)
-            slot.since = time.monotonic()
+            slot.since, slot.probe = time.monotonic(), None
 
     def _steal(self) -> tuple | None:
         """A shard reserved by a busy actor (scoring, or held back by its commits in flight), so no actor idles
@@ -306,6 +343,13 @@ class ActorPool:
             self.first_ready = self.first_ready or time.monotonic()  # start-up ends: reported apart
         except RayActorError as e:
             if getattr(e, "actor_init_failed", False):
+                if self.first_ready is not None:
+                    # The model has loaded elsewhere: this is a replacement on a device that died with the
+                    # actor it replaces (a wedged GPU). The job goes on with the actors it has.
+                    print(f"warning: a replacement actor failed to start ({_short(e)}); going on with "
+                          f"{sum(1 for s in self.slots if s is not slot)} actor(s)", file=sys.stderr)
+                    self._drop(slot, replace=False)
+                    return
                 # A model that cannot load will not load on a fresh actor either: stop, say why (the actor's
                 # traceback is in its log above; the last line is the reason).
                 raise ActorStartError(f"actor failed to start: {_short(e)}") from e
@@ -338,6 +382,19 @@ class ActorPool:
     def shutdown(self) -> None:
         for slot in list(self.slots):
             self._drop(slot, replace=False)
+
+
+class ShardActor(ShardWorker):
+    """The pool's actor: a ShardWorker that answers "how long since your last beat?" on a thread of its own,
+    while its one working thread scores (or hangs)."""
+
+    @ray.method(concurrency_group="health")
+    def beat_age(self) -> float:
+        return ShardWorker.beat_age(self)
+
+
+def _ready(ref) -> bool:
+    return bool(ray.wait([ref], timeout=0)[0])
 
 
 def _short(e: Exception) -> str:

@@ -70,8 +70,11 @@ class ShardReader:
                     return future.result(), True
                 except Exception:
                     pass  # read again below: the error is raised by this shard's own read
-            else:
-                future.cancel()  # the driver gave this actor another shard; a running read is left to finish
+            elif not future.cancel():  # the driver gave this actor another shard, and that read is under way:
+                # it is left to finish on a thread of its own, so that if it hangs, later reads ahead do not
+                # queue behind it (and this actor be taken for hung over a shard that is not its own)
+                self._threads.shutdown(wait=False)
+                self._threads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossrank-read-ahead")
         return read_shard(shard), False
 
     def read_ahead(self, shard: dict | None) -> None:

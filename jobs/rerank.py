@@ -91,9 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pool.add_argument("--max-shard-retries", type=_at_least(0), default=2,
                       help="retries of a failing shard before it is reported (default %(default)s)")
     pool.add_argument("--shard-timeout", type=_timeout, default=None, metavar="SECONDS|auto",
-                      help="a shard's scoring or commit running longer is taken for hung: its actor or task is "
-                           "killed and the shard retried; auto (default) = 20x the slowest time per row of a "
-                           "finished shard, at least 10 min; 0 = never")
+                      help="an actor silent this long (no batch done, no step of its shard) or a commit "
+                           "running longer than this (and 20x the slowest commit's time per row) is taken for "
+                           "hung: its actor or task is killed and the shard retried; auto (default) = 600; "
+                           "0 = never")
     rank = ap.add_argument_group("ranking")
     rank.add_argument("--rerank-depth", type=_positive, default=None,
                       help="rescore only first_stage_rank <= K; deeper rows stay below, in first-stage order")
@@ -112,6 +113,8 @@ def job_spec(args: argparse.Namespace) -> dict:
     if os.environ.get("CROSSRANK_FAULT_POINT"):  # tests make workers die at a chosen point
         fault = {"point": os.environ["CROSSRANK_FAULT_POINT"], "shard": os.environ.get("CROSSRANK_FAULT_SHARD", ""),
                  "attempts": int(os.environ.get("CROSSRANK_FAULT_ATTEMPTS", "1"))}
+    if os.environ.get("CROSSRANK_FAULT_BREAK_DEVICE_FILE"):  # a hang that kills the device: see maybe_fail
+        fault["break_device_file"] = os.environ["CROSSRANK_FAULT_BREAK_DEVICE_FILE"]
     if os.environ.get("CROSSRANK_FAULT_SLEEP_S"):  # tests slow shards down to act on them mid-flight
         fault.update(sleep_s=float(os.environ["CROSSRANK_FAULT_SLEEP_S"]), shard=os.environ.get("CROSSRANK_FAULT_SHARD", ""))
     if os.environ.get("CROSSRANK_FAULT_COMMIT_SLEEP_S"):  # a slow upload
@@ -122,6 +125,8 @@ def job_spec(args: argparse.Namespace) -> dict:
               "compile": False if args.no_compile else None}
     if os.environ.get("CROSSRANK_FAULT_OOM_ABOVE_TOKENS"):
         engine["extra"] = {"oom_above_tokens": int(os.environ["CROSSRANK_FAULT_OOM_ABOVE_TOKENS"])}
+    if os.environ.get("CROSSRANK_FAULT_BATCH_SLEEP_S"):  # a slow device: every batch takes this long
+        engine["extra"] = {**engine.get("extra", {}), "batch_sleep_s": float(os.environ["CROSSRANK_FAULT_BATCH_SLEEP_S"])}
     return {
         "model": args.model, "revision": args.revision, "trust_remote_code": args.trust_remote_code,
         "engine": engine, "output": args.output, "rerank_depth": args.rerank_depth,

@@ -52,6 +52,9 @@ class ShardWorker:
         from kernels.engine import Engine
 
         self.spec = spec
+        broken = (spec.get("fault") or {}).get("break_device_file")
+        if broken and os.path.exists(broken):  # fault injection: the device an earlier actor hung on is gone
+            raise RuntimeError("CUDA error: unspecified launch failure (injected: the device is gone)")
         t0 = time.perf_counter()
         self.model_identity = None
         if engine is None:
@@ -70,6 +73,16 @@ class ShardWorker:
         self.cols = ColumnMap(**spec["columns"])
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.reader = ShardReader()
+        self.last_beat = time.monotonic()
+        self.engine.heartbeat = self.beat
+
+    def beat(self) -> None:
+        """Proof of life: each phase of a shard and each batch the engine runs. The pool asks for its age
+        (jobs/pool.py) and takes an actor silent past --shard-timeout for hung."""
+        self.last_beat = time.monotonic()
+
+    def beat_age(self) -> float:
+        return time.monotonic() - self.last_beat
 
     def describe(self) -> dict:
         return {**self.engine.describe(), "actor": self.name, "load_s": self.load_s, "warmup_s": self.warmup_s,
@@ -81,10 +94,12 @@ class ShardWorker:
         reserved for this actor) once this shard's rows are in hand. Returns its stats so far and what its
         commit needs: {"scored": table, "rejected": table}."""
         t0 = time.perf_counter()
+        self.beat()
         stats = {"shard": shard["name"], **source_fields(shard), "attempts": attempt, "actor": self.name,
                  "node": socket.gethostname(), **{k: v for k, v in self.engine.describe().items()
                                                   if k in ("device_name", "dtype", "engine", "attention", "compiled")}}
         table, _ = self.reader.read(shard)
+        self.beat()
         stats["read_s"] = time.perf_counter() - t0  # the wait for rows: near 0 when read ahead
         self.reader.read_ahead(read_ahead)
         stats["rows_in"] = table.num_rows
@@ -102,9 +117,11 @@ class ShardWorker:
         queries = accepted[QUERY].to_pylist()
         docs = accepted[DOC].to_pylist()
         idx = np.flatnonzero(rescore)
+        self.beat()
         maybe_fail(self.spec, shard, attempt, "before_score")
         scores, st = self.engine.score([queries[i] for i in idx], [docs[i] for i in idx])
         maybe_fail(self.spec, shard, attempt, "after_score")
+        self.beat()
         full = np.zeros(accepted.num_rows, dtype=np.float32)
         full[idx] = scores
         broken = ~np.isfinite(full)
@@ -135,7 +152,9 @@ class ShardWorker:
 
     def process(self, shard: dict, attempt: int = 1, read_ahead: dict | None = None) -> dict:
         """Score one shard and commit it in this process; returns its stats."""
-        return commit_shard(self.spec, shard, attempt, *self.score_shard(shard, attempt, read_ahead))
+        stats = commit_shard(self.spec, shard, attempt, *self.score_shard(shard, attempt, read_ahead))
+        self.beat()
+        return stats
 
 
 def _ray_node_id() -> str | None:

@@ -125,6 +125,9 @@ class Engine:
         self.rescorer = None  # kernels.overflow.Float32Rescorer, made when a low-precision score is NaN/inf
         self._warned_overflow = False
         self.oom_above_tokens = int(cfg.extra.get("oom_above_tokens") or os.environ.get("CROSSRANK_FAULT_OOM_ABOVE_TOKENS", 0))
+        self.batch_sleep_s = float(cfg.extra.get("batch_sleep_s") or 0)  # fault injection: a slow device
+        # Called after every batch: the job's actors report it as proof of life (a wedged device stops it).
+        self.heartbeat = None
         if not cuda:
             torch.set_num_threads(cpu_threads())
             if dtype == torch.float16:
@@ -397,6 +400,10 @@ class Engine:
             # Queue the next batch's copy before this batch's kernels, so the copy hides under compute.
             staged = self._stage(chunk.batches[k + 1]) if k + 1 < len(chunk.batches) else None
             results += self._run_batch(chunk.enc, hb, current, stats)
+            if self.batch_sleep_s:
+                time.sleep(self.batch_sleep_s)
+            if self.heartbeat is not None:
+                self.heartbeat()
         if not results:
             return
         index = np.concatenate([i for i, _ in results])

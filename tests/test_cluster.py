@@ -34,7 +34,7 @@ def _shard_workers_running(pid: int) -> list[int]:
     out = []
     for p in psutil.Process(pid).children(recursive=True):
         try:
-            if " ".join(p.cmdline()).startswith("ray::ShardWorker.score_shard"):
+            if " ".join(p.cmdline()).startswith("ray::ShardActor.score_shard"):
                 out.append(p.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass

@@ -60,9 +60,9 @@ def shard_names(inp: Path) -> list[str]:
 
 def shard_worker_pids(root_pid: int, method: str | None = None) -> list[int]:
     """ShardWorker actor processes under `root_pid` (this Ray's raylet is our child), by process title:
-    `ray::ShardWorker.<method>` while one runs that method (`__init__`: loading the model; `score_shard`: a
+    `ray::ShardActor.<method>` while one runs that method (`__init__`: loading the model; `score_shard`: a
     shard). Never a DashboardAgent or RuntimeEnvAgent, whose loss takes the node down."""
-    want = "ray::ShardWorker" + (f".{method}" if method else "")
+    want = "ray::ShardActor" + (f".{method}" if method else "")
     pids = []
     for p in psutil.Process(root_pid).children(recursive=True):
         try:
@@ -469,10 +469,52 @@ def test_a_hung_shard_is_killed_and_retried(ray_local, tiny_model, tmp_path, cap
     assert totals["actors_replaced"] == (0 if (point, actor) == ("hang_before_commit", "gpu") else 1), totals
 
 
-def test_auto_shard_timeout_is_lenient_and_waits_for_a_pace():
-    from jobs.pool import AUTO_TIMEOUT_FLOOR_S, hang_limit
+def test_shard_timeout_limits():
+    from jobs.pool import AUTO_TIMEOUT_S, commit_limit, stall_limit
 
-    assert hang_limit(None, None, 500_000) is None  # no shard finished yet: no pace to judge by
-    assert hang_limit(None, 1e-5, 80) == AUTO_TIMEOUT_FLOOR_S  # fast shards: the floor
-    assert hang_limit(None, 0.03, 500_000) == 20 * 0.03 * 500_000  # a slow CPU actor: 20x its slowest shard
-    assert hang_limit(6.0, 0.03, 500_000) == 6.0 and hang_limit(0.0, 0.03, 80) is None  # given; 0 = never
+    assert stall_limit(None) == AUTO_TIMEOUT_S and stall_limit(6.0) == 6.0 and stall_limit(0.0) is None
+    # A commit cannot beat: the stall limit from the first commit on (none may have finished when all hang),
+    # or 20x the slowest commit per row when that is longer.
+    assert commit_limit(None, None, 500_000) == AUTO_TIMEOUT_S
+    assert commit_limit(None, 1e-5, 80) == AUTO_TIMEOUT_S
+    assert commit_limit(None, 1e-3, 500_000) == 20 * 1e-3 * 500_000
+    assert commit_limit(6.0, None, 80) == 6.0 and commit_limit(0.0, 1.0, 80) is None
+
+
+@pytest.mark.slow
+def test_a_slow_shard_that_keeps_beating_is_not_taken_for_hung(ray_local, tiny_model, tmp_path, capsys,
+                                                               monkeypatch):
+    """Silence, not duration: a shard whose every batch is slow (long passages, a big model on a CPU) runs
+    well past --shard-timeout and is left to finish, since its actor beats after each batch."""
+    inp = write_shortlists(tmp_path / "in", files=1, n_queries=4, per_query=20)  # 1 shard of 80 rows
+    monkeypatch.setenv("CROSSRANK_FAULT_BATCH_SLEEP_S", "1.0")
+    out = tmp_path / "out"
+    rc, err = run_job(job_args(inp, out, tiny_model, "--shard-timeout", 4, "--max-batch-tokens", 512), capsys)
+    assert rc == 0, err
+    assert_each_row_once(inp, out)
+    (stats,) = stats_of(out).values()
+    assert stats["wall_s"] > 8 and stats["attempts"] == 1, stats  # twice the limit, in one attempt
+    assert manifest_of(out)["totals"]["shard_timeouts"] == 0
+
+
+@pytest.mark.slow
+def test_a_hang_that_takes_its_device_along_leaves_the_job_to_the_other_actors(ray_local, tiny_model, tmp_path,
+                                                                               capsys, monkeypatch):
+    """After a hang the replacement actor lands on the same device; when that device is gone it cannot start.
+    The model loaded elsewhere, so this is not a model that cannot load: the job goes on with one actor."""
+    inp = write_shortlists(tmp_path / "in", files=1, n_queries=8, per_query=20)  # 2 shards of 80 rows
+    names = shard_names(inp)
+    monkeypatch.setenv("CROSSRANK_FAULT_POINT", "hang_before_score")
+    monkeypatch.setenv("CROSSRANK_FAULT_SHARD", names[0])
+    monkeypatch.setenv("CROSSRANK_FAULT_BREAK_DEVICE_FILE", str(tmp_path / "device-gone"))
+    # Every batch slow (the other actor beats on): the job is still running when the replacement fails.
+    monkeypatch.setenv("CROSSRANK_FAULT_BATCH_SLEEP_S", "0.5")
+    out = tmp_path / "out"
+    rc, err = run_job(job_args(inp, out, tiny_model, "--shard-timeout", 5, "--max-batch-tokens", 256), capsys)
+    assert rc == 0, err
+    assert "a replacement actor failed to start" in err and "device is gone" in err
+    assert_each_row_once(inp, out)
+    stats = stats_of(out)
+    assert stats[names[0]]["attempts"] == 2 and stats[names[0]]["actor"] == stats[names[1]]["actor"], stats
+    totals = manifest_of(out)["totals"]
+    assert totals["shard_timeouts"] == 1 and totals["actors_replaced"] == 1, totals

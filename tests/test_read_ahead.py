@@ -69,3 +69,42 @@ def test_failed_read_ahead_raises_in_the_shards_own_read(tmp_path):
     table, ahead = reader.read(shards[1])
     assert ahead and table.equals(pq.read_table(path).slice(80, 80))
     assert first.value is not None
+
+
+def test_a_dropped_read_ahead_that_hangs_holds_up_no_later_read(tmp_path):
+    """A read ahead of a shard another actor took over, stuck on storage that never answers (here a FIFO no
+    one writes to): later reads ahead must not queue behind it, or this actor would stall on a shard that
+    reads fine, and be taken for hung over it."""
+    import os
+    import shutil
+
+    from jobs.read_ahead import ShardReader, read_shard
+
+    folder = write_shortlists(tmp_path / "in", files=2)
+    shards = plan_shards(folder)  # 4 shards of 80 rows; the first two read part-0
+    stuck_file = tmp_path / "stuck.parquet"
+    os.mkfifo(stuck_file)
+    stuck = {**shards[0], "name": "stuck", "parts": [{**p, "uri": str(stuck_file), "path": str(stuck_file)}
+                                                       for p in shards[0]["parts"]]}
+    reader = ShardReader()
+    reader.read_ahead(stuck)  # blocks opening the FIFO
+    try:
+        got, ahead = reader.read(shards[1])  # another shard: the stuck read is dropped, this one read now
+        assert not ahead and got.equals(read_shard(shards[1]))
+        reader.read_ahead(shards[2])
+        done = threading.Event()
+        result = {}
+
+        def read_next():
+            result["table"], result["ahead"] = reader.read(shards[2])
+            done.set()
+
+        threading.Thread(target=read_next, daemon=True).start()
+        assert done.wait(30), "the read ahead queued behind the stuck one"
+        assert result["ahead"] and result["table"].equals(read_shard(shards[2]))
+    finally:  # unblock the stuck thread: a writer opens the FIFO (the read then fails, as it may)
+        try:
+            with open(stuck_file, "wb") as w:
+                shutil.copyfileobj(open(folder / "part-0.parquet", "rb"), w)
+        except BrokenPipeError:
+            pass
