@@ -14,11 +14,13 @@ One process scores or commits one shard at a time, so a death is charged to exac
 actor was running, or the one whose commit task died; unless that shard's commit had landed, when its stats
 are read back and nothing reruns. A hang is made a death: an actor that stops giving signs of life (it
 beats at each step of a shard and after every batch, and the pool asks it for the beat's age on a thread of
-its own) or a commit task that runs too long (`commit_limit`) is killed. The charged shard's attempt count rises and it goes to a live actor; a
-reserved shard goes back as it was, and commits in flight go on. A shard that fails `max_retries + 1` times
-is reported failed, never retried forever. An actor that dies while loading its model is replaced too (a
-bounded number of times); one whose model fails to load stops the job with the loader's error. Driver
-memory stays flat: a few shard descriptions per actor.
+its own) or a commit task that runs too long (`commit_limit`) is killed, and that shard's limits double. The
+charged shard's attempt count rises and it goes to a live actor; a reserved shard goes back as it was, and
+commits in flight go on. A shard that fails `max_retries + 1` times is reported failed, never retried
+forever. An actor that dies while loading its model is replaced too (a bounded number of times); one whose
+model fails to load stops the job with the loader's error, unless it was a replacement for one that died
+or hung after the model had loaded elsewhere (its device may have gone with it): that one is dropped and
+the job goes on. Driver memory stays flat: a few shard descriptions per actor.
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ class _Slot:
     since: float = 0.0  # when that call started (an actor runs one call at a time: it starts when sent)
     probe: tuple | None = None  # (ref, sent at): the actor's answer to "how long since your last beat?"
     probed: float = 0.0  # when that was last asked
+    replacement: bool = False  # started in place of an actor that died or hung
     reserved: tuple | None = None  # (shard, attempt): its next shard, which it is reading ahead
     commits: int = 0  # its scored shards whose commit tasks are still running
 
@@ -128,12 +131,15 @@ class ActorPool:
         self.shard_timeout = shard_timeout
         self.slowest_commit: float | None = None  # seconds per row of the slowest finished commit task
         self.timeouts = 0
+        self.timed_out: dict[str, int] = {}  # shard name -> its calls taken for hung: each doubles its limits
+        self.last_start_error: str | None = None
         for _ in range(num_actors):
             self._add()
 
-    def _add(self) -> None:
+    def _add(self, replacement: bool = False) -> None:
         handle = self.remote_cls.options(max_restarts=0, max_task_retries=0, **self.resources).remote(self.spec)
-        self.slots.append(_Slot(handle=handle, ready_ref=handle.describe.remote(), created=time.monotonic()))
+        self.slots.append(_Slot(handle=handle, ready_ref=handle.describe.remote(), created=time.monotonic(),
+                                replacement=replacement))
 
     def _drop(self, slot: _Slot, replace: bool) -> None:
         self.slots.remove(slot)
@@ -143,14 +149,17 @@ class ActorPool:
             pass
         if replace:
             self.replaced += 1
-            self._add()
+            self._add(replacement=True)
 
     def run(self, shards: list[dict], on_done) -> list[dict]:
         """Process every shard; `on_done(stats)` per success. Returns stats rows of failed shards."""
         queue = deque((s, 1) for s in shards)
         failed: list[dict] = []
 
+        charged: dict[str, str] = {}  # shard name -> why its last attempt failed
+
         def retry_or_fail(shard: dict, attempt: int, reason: str) -> None:
+            charged[shard["name"]] = reason
             if attempt <= self.max_retries:
                 queue.appendleft((shard, attempt + 1))
             else:
@@ -165,7 +174,12 @@ class ActorPool:
             pending_ready = {s.ready_ref: s for s in self.slots if not s.ready}
             if not calls and not commits and not pending_ready:  # every actor is gone and none can start
                 left = list(queue) + [s.reserved for s in self.slots if s.reserved]
-                failed += [_failed(s, a, "no actor could be started to run this shard") for s, a in left]
+                why = f" (last start failure: {self.last_start_error})" if self.last_start_error else ""
+                # (shard, attempt) names the attempt it would have run next: it ran attempt - 1 times, and the
+                # last of them failed as `charged` says
+                failed += [_failed(s, a - 1, f"no actor could be started to run this shard{why}"
+                                   + (f"; before that: {charged[s['name']]}" if s["name"] in charged else ""))
+                           for s, a in left]
                 break
             done, _ = ray.wait(list(calls) + list(commits) + list(pending_ready), num_returns=1, timeout=1.0)
             for slot in list(self.slots):
@@ -213,18 +227,20 @@ class ActorPool:
         unless its commit had landed. Without this, one wedged GPU or a read or upload that never returns
         holds the job forever. A call whose result is already in is left to be settled, never taken for hung."""
         now = time.monotonic()
-        limit = stall_limit(self.shard_timeout)
+        base = stall_limit(self.shard_timeout)
         for slot in list(self.slots):
-            if not slot.running or limit is None or _ready(slot.running[0]):
+            if not slot.running or base is None or _ready(slot.running[0]):
                 continue
+            limit = base * self._backoff(slot.running[2])
             silent = self._silence(slot, now, limit)
             if silent is None or silent <= limit:
                 continue
             stats_ref, output_ref, shard, attempt = slot.running
             slot.running = None
-            self.timeouts += 1
-            reason = (f"timed out: no sign of life from its actor for {silent:.0f} s (--shard-timeout "
-                      f"{'auto = ' if self.shard_timeout is None else ''}{limit:.0f} s); actor killed and replaced")
+            self._timed_out(shard)
+            setting = "auto" if self.shard_timeout is None else f"{self.shard_timeout:g}"
+            reason = (f"timed out: no sign of life from its actor for {silent:.0f} s (limit {limit:.0f} s, "
+                      f"--shard-timeout {setting}); actor killed and replaced")
             try:
                 ray.kill(slot.handle, no_restart=True)
             except Exception:
@@ -234,16 +250,27 @@ class ActorPool:
             self._settle_dead_actor(slot, shard, attempt, reason, on_done, queue, retry_or_fail)
         for ref, (shard, attempt, slot, since) in list(commits.items()):
             climit = commit_limit(self.shard_timeout, self.slowest_commit, shard_rows_of(shard))
-            if climit is None or now - since <= climit or _ready(ref):
+            if climit is None or now - since <= climit * self._backoff(shard) or _ready(ref):
                 continue
+            climit *= self._backoff(shard)
             ray.cancel(ref, force=True)  # kills the process running it: its writes are atomic
             ray.wait([ref], timeout=30)  # and a commit that landed meanwhile is read back below
             del commits[ref]
             slot.commits -= 1
-            self.timeouts += 1
+            self._timed_out(shard)
             self._recover_or_retry(shard, attempt, f"commit timed out: no result after {now - since:.0f} s "
                                    f"(limit {climit:.0f} s, --shard-timeout); its process was killed",
                                    on_done, retry_or_fail)
+
+    def _backoff(self, shard: dict) -> int:
+        """A shard's limits double with each of its calls taken for hung: one merely slower than the limit
+        (a big commit under a short --shard-timeout) gets through on a retry; a real hang still fails after
+        --max-shard-retries, and other shards keep the plain limit."""
+        return 2 ** self.timed_out.get(shard["name"], 0)
+
+    def _timed_out(self, shard: dict) -> None:
+        self.timeouts += 1
+        self.timed_out[shard["name"]] = self.timed_out.get(shard["name"], 0) + 1
 
     def _silence(self, slot: _Slot, now: float, limit: float) -> float | None:
         """Seconds the actor has been silent in its running call, as far as known now (None: not known yet):
@@ -343,11 +370,12 @@ class ActorPool:
             self.first_ready = self.first_ready or time.monotonic()  # start-up ends: reported apart
         except RayActorError as e:
             if getattr(e, "actor_init_failed", False):
-                if self.first_ready is not None:
-                    # The model has loaded elsewhere: this is a replacement on a device that died with the
-                    # actor it replaces (a wedged GPU). The job goes on with the actors it has.
-                    print(f"warning: a replacement actor failed to start ({_short(e)}); going on with "
-                          f"{sum(1 for s in self.slots if s is not slot)} actor(s)", file=sys.stderr)
+                if slot.replacement and self.first_ready is not None:
+                    # The model loaded before: this replacement landed on a device that died with the actor
+                    # it replaces (a wedged GPU). The job goes on with the actors it has.
+                    self.last_start_error = _short(e)
+                    print(f"warning: a replacement actor failed to start ({self.last_start_error}); going on "
+                          f"with {sum(1 for s in self.slots if s is not slot)} actor(s)", file=sys.stderr)
                     self._drop(slot, replace=False)
                     return
                 # A model that cannot load will not load on a fresh actor either: stop, say why (the actor's

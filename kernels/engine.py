@@ -411,6 +411,8 @@ class Engine:
         if self.cfg.activation == "sigmoid":
             logits = torch.sigmoid(logits)
         scores[chunk.start + index] = logits.cpu().numpy()  # the one device->host copy of the chunk
+        if self.heartbeat is not None:  # on CUDA the batch beats follow launches; this one, finished work
+            self.heartbeat()
         stats.truncated_pairs += int(chunk.enc.truncated.sum())
 
     def _score_chunk(self, chunk: _Chunk, scores: np.ndarray, stats: ScoreStats) -> None:
@@ -473,7 +475,8 @@ class Engine:
                                                 self.oom_above_tokens)
             # float32 takes twice the memory a token; the budget in force is lower after an out-of-memory split
             budget = max(MIN_BATCH_TOKENS, self.budget // 2)
-            fixed = torch.from_numpy(self.rescorer.logits([queries[i] for i in bad], [docs[i] for i in bad], budget))
+            fixed = torch.from_numpy(self.rescorer.logits([queries[i] for i in bad], [docs[i] for i in bad], budget,
+                                                          self.heartbeat))
             scores[bad] = (torch.sigmoid(fixed) if self.cfg.activation == "sigmoid" else fixed).numpy()
             stats.nonfinite = int((~np.isfinite(scores[bad])).sum())
             stats.float32_rescored = len(bad) - stats.nonfinite

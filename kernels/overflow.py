@@ -42,14 +42,20 @@ class Float32Rescorer:
         return self.model
 
     @torch.inference_mode()
-    def logits(self, queries: list[str], docs: list[str], max_batch_tokens: int) -> np.ndarray:
+    def logits(self, queries: list[str], docs: list[str], max_batch_tokens: int, heartbeat=None) -> np.ndarray:
         """Float32 scores (the engine's rule: logit, or the two-class margin) of the given pairs, in order.
-        `max_batch_tokens` bounds a batch's padded tokens (float32 needs about twice fp16's memory a token)."""
+        `max_batch_tokens` bounds a batch's padded tokens (float32 needs about twice fp16's memory a token);
+        `heartbeat()` after each batch, as the engine's own (a model that overflows everywhere is rescored
+        whole here, which takes a while, and must not look hung)."""
         model = self._float32_model()
+        if heartbeat is not None:  # the copy is made on first need: seconds for a large model
+            heartbeat()
         enc = self.encoder.encode(queries, docs)
         out = np.empty(len(queries), dtype=np.float32)
         for index in plan_batches(enc.lengths, max_batch_tokens, padded=True, max_batch_size=64, buckets=None):
             self._run(model, enc, index, out)
+            if heartbeat is not None:
+                heartbeat()
         return out
 
     def _run(self, model, enc: EncodedPairs, index: np.ndarray, out: np.ndarray) -> None:

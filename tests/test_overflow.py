@@ -74,7 +74,10 @@ def test_half_precision_overflow_is_rescored_in_float32(overflow_model, engine):
         hf = half.model(**{k: v for k, v in half.tokenizer(queries, docs, padding=True, return_tensors="pt").items()})
     assert np.array_equal(~torch.isfinite(hf.logits[:, 0]).numpy(), overflows | broken)
 
+    beats = []
+    half.heartbeat = lambda: beats.append(1)  # the job's proof of life: per batch, rescoring batches included
     scores, stats = half.score(queries, docs)
+    assert len(beats) > stats.batches
     assert np.isfinite(scores[~broken]).all()
     assert np.isnan(scores[broken]).all() and np.isnan(reference[broken]).all()
     assert stats.float32_rescored == int(overflows.sum()) and stats.nonfinite == int(broken.sum())
