@@ -15,7 +15,8 @@ from jobs.finalize import finish_shard, rank_bucket
 from jobs.layout import SCORES, SHORTLISTS, WORK, DamagedWork, OutputLayout
 from jobs.plan import shard_rows_of
 from jobs.pool import ActorPool, actor_resources
-from jobs.storage import delete_dir, delete_file, exists, read_json
+from jobs.storage import delete_dir, delete_file, exists, read_json, remove_temporaries
+from jobs.watched_tasks import run_watched
 
 # Below this many input rows the driver ranks in-process: measured on 20,000 pairs, ranking plus writing the
 # final files took 0.3 s of work but 1.8-3.0 s as Ray tasks (fresh worker processes importing polars).
@@ -86,22 +87,28 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
     actor_start_s = min(first_ready - score_t0_mono, score_s) if first_ready else 0.0  # reported apart
     fin_t0 = time.perf_counter()
     shard_stats = read_shard_stats(layout, [s.name for s in plan.shards])
-    collapsed, ranked_in = 0, None
+    collapsed, ranked_in, rank_timeouts = 0, None, 0
     if not failed:
         key_files = layout.key_files()
         _check_work(layout, plan, shard_stats, key_files)
-        collapsed, ranked_in = _finalize(spec, plan, layout, args.top_k, key_files)
+        collapsed, ranked_in, rank_timeouts = _finalize(spec, plan, layout, args.top_k, key_files,
+                                                        args.ranking_timeout)
     finalize_s = time.perf_counter() - fin_t0
     stats = write_stats(layout, [s.name for s in plan.shards], failed, shard_stats)
     totals = _check_totals(plan, stats, failed)
     totals.update(wall_s=time.perf_counter() - t0, ray_start_s=ray_start_s, score_s=score_s,
                   actor_start_s=actor_start_s, score_after_ready_s=score_s - actor_start_s,
                   finalize_s=finalize_s, actors_replaced=replaced, shard_timeouts=timeouts,
+                  ranking_timeouts=rank_timeouts,
                   shards_recovered_after_crash=recovered, docs_collapsed=collapsed,
                   ranking_buckets=plan.buckets, ranking_ran_in=ranked_in,
                   # Of the actors' time on shards, the share spent driving the model (the rest: reading,
                   # splitting, de-duplicating, handing over or committing): how well the device is fed.
                   model_share=_share(sum(a[2] for a in per_actor.values()), sum(a[1] for a in per_actor.values())))
+    if replaced or timeouts or rank_timeouts or totals["retries"]:
+        # A process killed mid-write (hung, or its actor lost) may have left a half-written temporary file,
+        # which a reader's glob of OUT/scores/ would take in: the run's end leaves none.
+        remove_temporaries(layout.root)
     _summary(totals, per_actor, args.quiet)
     return {"failed": failed, "totals": totals, "provenance": provenance, "engine": engine_info}
 
@@ -147,28 +154,32 @@ def _check_work(layout: OutputLayout, plan, shard_stats: dict[str, dict], key_fi
         raise DamagedWork.of(layout, problems)
 
 
-def _finalize(spec: dict, plan, layout: OutputLayout, top_k: int | None, key_files: dict) -> tuple[int, str]:
+def _finalize(spec: dict, plan, layout: OutputLayout, top_k: int | None, key_files: dict,
+              ranking_timeout: float | None) -> tuple[int, str, int]:
     """Rank every bucket of queries, then write each shard's final file: Ray tasks, which scale with the
-    cluster, or the driver itself for a small job. Returns the passages collapsed and where it ran."""
+    cluster (each under a time limit: jobs.watched_tasks), or the driver itself for a small job. Returns the
+    passages collapsed, where it ran, and how many ranking tasks were killed for running too long."""
     names = {s.seq: s.name for s in plan.shards}
     act = spec["engine"].get("activation", "identity")  # applied to the final files; actors score logits
     by_bucket: dict[int, list[str]] = {}
     for s in plan.shards:
         for bucket, loc in key_files.get(s.name, {}).items():
             by_bucket.setdefault(bucket, []).append(loc.uri)
+    timeouts = 0
     if plan.total_rows <= LOCAL_RANK_ROWS:
         ranked = [rank_bucket(spec["output"], b, by_bucket.get(b, []), names, top_k, act) for b in range(plan.buckets)]
         for s in plan.shards:
             finish_shard(spec["output"], s.name, act)
         where = "driver"
     else:
-        rank = ray.remote(num_cpus=1, max_retries=2)(rank_bucket)
-        finish = ray.remote(num_cpus=1, max_retries=2)(finish_shard)
-        ranked = ray.get([rank.remote(spec["output"], b, by_bucket.get(b, []), names, top_k, act)
-                          for b in range(plan.buckets)])
-        ray.get([finish.remote(spec["output"], s.name, act) for s in plan.shards])
+        watch = {"setting": ranking_timeout, "fault": spec.get("fault")}
+        ranked, timeouts = run_watched(rank_bucket, [(f"ranking bucket {b}", (spec["output"], b, by_bucket.get(b, []),
+                                                      names, top_k, act)) for b in range(plan.buckets)], **watch)
+        _, more = run_watched(finish_shard, [(f"final file of shard {s.name}", (spec["output"], s.name, act))
+                                             for s in plan.shards], **watch)
+        timeouts += more
         where = "ray tasks"
-    return sum(r.get("docs_collapsed", 0) for r in ranked), where
+    return sum(r.get("docs_collapsed", 0) for r in ranked), where, timeouts
 
 
 def _share(part: float, whole: float) -> float | None:
@@ -226,6 +237,7 @@ def _summary(totals: dict, per_actor: dict, quiet: bool) -> None:
         return
     wall = totals["wall_s"]
     scored = totals["rows_scored"]
+    rank_note = f", {n} task(s) timed out and ran again" if (n := totals["ranking_timeouts"]) else ""
     lines = [
         "", "crossrank summary",
         f"  pairs in          {totals['rows_in']:>12,}",
@@ -238,7 +250,7 @@ def _summary(totals: dict, per_actor: dict, quiet: bool) -> None:
         f"{f', timed out {n}' if (n := totals.get('shard_timeouts')) else ''}",
         f"  wall time         {wall:>12.1f} s  (Ray start {totals['ray_start_s']:.1f} s, actor start and model "
         f"load {totals['actor_start_s']:.1f} s, scoring {totals['score_after_ready_s']:.1f} s, "
-        f"ranking {totals['finalize_s']:.1f} s)",
+        f"ranking {totals['finalize_s']:.1f} s{rank_note})",
         f"  pairs/s overall   {scored / wall if wall else 0:>12,.0f}",
     ]
     for actor, (n, secs, model_s) in sorted(per_actor.items()):

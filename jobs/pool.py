@@ -36,37 +36,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from jobs.commit import commit_shard
 from jobs.plan import describe_shard, shard_rows_of, source_fields
+from jobs.time_limits import PROBE_EVERY_S, commit_limit, is_ready, stall_limit
 from jobs.worker import ShardWorker
 from kernels.loading import then_now
 
 # Commits an actor may have in flight before it gets no new shard: one overlapping its next shard's scoring,
 # one more to absorb a slow upload; more would only pile scored shards up in the node's object store.
 MAX_COMMITS_PER_ACTOR = 2
-# --shard-timeout auto: seconds an actor may go without a sign of life, and the least a commit may run. Lenient
-# on purpose: a false alarm costs a shard's work, a true one a job that would otherwise wait forever (a wedged
-# GPU, a read or upload that never returns). A commit gives no sign of life, so its limit also grows with
-# the slowest commit seen, per row.
-AUTO_TIMEOUT_S = 600.0
-COMMIT_TIMEOUT_FACTOR = 20
-PROBE_EVERY_S = 5.0  # how often a busy actor is asked for its beat (more often under a short --shard-timeout)
-
-
-def stall_limit(setting: float | None) -> float | None:
-    """Seconds an actor may stay silent (no batch done, no step of its shard) before it is taken for hung;
-    `setting` is --shard-timeout (None = auto, 0 = never). Silence, not duration: a shard slow in every batch
-    (long passages, a big model on a CPU) still beats, however long it takes."""
-    return AUTO_TIMEOUT_S if setting is None else (setting or None)
-
-
-def commit_limit(setting: float | None, slowest_s_per_row: float | None, rows: int) -> float | None:
-    """Seconds a commit of `rows` rows may run: the stall limit, or 20x the slowest commit so far per row
-    if longer (a commit cannot beat; it writes a shard's files)."""
-    base = stall_limit(setting)
-    if base is None:
-        return None
-    return max(base, COMMIT_TIMEOUT_FACTOR * (slowest_s_per_row or 0.0) * max(rows, 1))
-
-
 class ActorStartError(RuntimeError):
     """No actor can run this job as asked: its model fails to load, or it is not the model the driver checked."""
 
@@ -229,7 +205,7 @@ class ActorPool:
         now = time.monotonic()
         base = stall_limit(self.shard_timeout)
         for slot in list(self.slots):
-            if not slot.running or base is None or _ready(slot.running[0]):
+            if not slot.running or base is None or is_ready(slot.running[0]):
                 continue
             limit = base * self._backoff(slot.running[2])
             silent = self._silence(slot, now, limit)
@@ -250,7 +226,7 @@ class ActorPool:
             self._settle_dead_actor(slot, shard, attempt, reason, on_done, queue, retry_or_fail)
         for ref, (shard, attempt, slot, since) in list(commits.items()):
             climit = commit_limit(self.shard_timeout, self.slowest_commit, shard_rows_of(shard))
-            if climit is None or now - since <= climit * self._backoff(shard) or _ready(ref):
+            if climit is None or now - since <= climit * self._backoff(shard) or is_ready(ref):
                 continue
             climit *= self._backoff(shard)
             ray.cancel(ref, force=True)  # kills the process running it: its writes are atomic
@@ -281,7 +257,7 @@ class ActorPool:
         silent = None
         if slot.probe is not None:
             ref, sent = slot.probe
-            if _ready(ref):
+            if is_ready(ref):
                 slot.probe = None
                 try:
                     silent = ray.get(ref)
@@ -419,10 +395,6 @@ class ShardActor(ShardWorker):
     @ray.method(concurrency_group="health")
     def beat_age(self) -> float:
         return ShardWorker.beat_age(self)
-
-
-def _ready(ref) -> bool:
-    return bool(ray.wait([ref], timeout=0)[0])
 
 
 def _short(e: Exception) -> str:

@@ -95,6 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "running longer than this (and 20x the slowest commit's time per row) is taken for "
                            "hung: its actor or task is killed and the shard retried; auto (default) = 600; "
                            "0 = never")
+    pool.add_argument("--ranking-timeout", type=_timeout, default=None, metavar="SECONDS|auto",
+                      help="a ranking task of a large job (one query bucket, or one shard's final file) running "
+                           "longer than this (and 20x the slowest of its kind) is killed and run again with "
+                           "twice the limit, 3 tries in all; auto (default) = 600; 0 = never")
     rank = ap.add_argument_group("ranking")
     rank.add_argument("--rerank-depth", type=_positive, default=None,
                       help="rescore only first_stage_rank <= K; deeper rows stay below, in first-stage order")
@@ -287,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from jobs.driver import run_job  # imports ray: after the cheap checks, so bad input fails fast
     from jobs.pool import ActorStartError
+    from jobs.watched_tasks import RankingTimeout
 
     try:
         result = run_job(args, spec, plan, layout, provenance)
@@ -295,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DamagedWork as e:  # raised in a Ray task, it comes wrapped: its cause holds the message
         print(f"error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
+        return 1
+    except RankingTimeout as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     totals = result["totals"]
     manifest = {

@@ -487,8 +487,56 @@ def test_a_commit_slower_than_the_limit_gets_through_on_a_longer_one(ray_local, 
     assert totals["shard_timeouts"] == 1 and totals["actors_replaced"] == 0, totals
 
 
+@pytest.mark.slow
+def test_a_hung_ranking_task_is_killed_and_run_again(ray_local, tiny_model, tmp_path, capsys, monkeypatch):
+    """A large job ranks in Ray tasks, which cannot beat: one that never returns (a read from a store that
+    hangs) is killed past --ranking-timeout and runs again with twice the limit, and the job completes."""
+    import jobs.driver
+    import jobs.plan
+    import jobs.time_limits
+
+    monkeypatch.setattr(jobs.driver, "LOCAL_RANK_ROWS", 0)  # rank as a large job does: Ray tasks, several buckets
+    monkeypatch.setattr(jobs.plan, "KEY_ROWS_PER_BUCKET", 40)
+    # A fresh worker's first bucket takes seconds (polars warming up): 20x that would stretch the test.
+    monkeypatch.setattr(jobs.time_limits, "SLOWEST_FACTOR", 1)
+    inp = write_shortlists(tmp_path / "in", files=1, n_queries=8, per_query=20)
+    monkeypatch.setenv("CROSSRANK_FAULT_POINT", "hang_in_ranking")
+    monkeypatch.setenv("CROSSRANK_FAULT_SHARD", "ranking bucket 0")
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    rc, err = run_job(job_args(inp, out, tiny_model, "--ranking-timeout", 8, "--top-k", 3), capsys)
+    assert rc == 0, err
+    assert time.monotonic() - t0 < 120  # the hang lasts a day
+    assert "ranking bucket 0 timed out" in err
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    manifest = manifest_of(out)
+    assert manifest["buckets"] > 1 and manifest["totals"]["ranking_ran_in"] == "ray tasks"
+    assert manifest["totals"]["ranking_timeouts"] >= 1 and manifest["totals"]["shard_timeouts"] == 0
+    assert_each_row_once(inp, out)  # positions 1..n in every query included
+    shortlists = read_dir(out / "shortlists")
+    assert shortlists.num_rows == 8 and {len(d) for d in shortlists["doc_ids"].to_pylist()} == {3}
+
+
+def test_ranking_tasks_run_again_when_hung_and_stop_the_job_when_always_hung(ray_local):
+    """jobs.watched_tasks on a plain function: results in call order; a task hung once is killed and runs
+    again; one hung on every attempt raises an error that names it, after its limit doubled each time."""
+    import operator
+
+    from jobs.watched_tasks import RankingTimeout, run_watched
+
+    calls = [(f"item {i}", (i, 3)) for i in range(5)]
+    once = {"point": "hang_in_ranking", "shard": "item 2", "attempts": 1}
+    results, timeouts = run_watched(operator.mul, calls, setting=5, fault=once)
+    assert results == [0, 3, 6, 9, 12] and timeouts == 1
+    t0 = time.monotonic()
+    # Both items hang on every attempt (one per CPU).
+    with pytest.raises(RankingTimeout, match=r"item [01] ran past its limit on each of 2 attempts \(the last limit 4 s"):
+        run_watched(operator.mul, calls[:2], setting=2, attempts=2, fault={**once, "shard": "item", "attempts": 9})
+    assert 6 <= time.monotonic() - t0 < 60  # 2 s, then 4 s
+
+
 def test_shard_timeout_limits():
-    from jobs.pool import AUTO_TIMEOUT_S, commit_limit, stall_limit
+    from jobs.time_limits import AUTO_TIMEOUT_S, commit_limit, ranking_limit, stall_limit
 
     assert stall_limit(None) == AUTO_TIMEOUT_S and stall_limit(6.0) == 6.0 and stall_limit(0.0) is None
     # A commit cannot beat: the stall limit from the first commit on (none may have finished when all hang),
@@ -497,6 +545,9 @@ def test_shard_timeout_limits():
     assert commit_limit(None, 1e-5, 80) == AUTO_TIMEOUT_S
     assert commit_limit(None, 1e-3, 500_000) == 20 * 1e-3 * 500_000
     assert commit_limit(6.0, None, 80) == 6.0 and commit_limit(0.0, 1.0, 80) is None
+    # A ranking task: the stall limit, or 20x the slowest of its kind so far.
+    assert ranking_limit(None, 0.0) == AUTO_TIMEOUT_S and ranking_limit(6.0, 2.0) == 40.0
+    assert ranking_limit(0.0, 9.0) is None
 
 
 @pytest.mark.slow
