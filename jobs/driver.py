@@ -87,25 +87,25 @@ def run_job(args, spec: dict, plan, layout: OutputLayout, provenance: dict) -> d
     actor_start_s = min(first_ready - score_t0_mono, score_s) if first_ready else 0.0  # reported apart
     fin_t0 = time.perf_counter()
     shard_stats = read_shard_stats(layout, [s.name for s in plan.shards])
-    collapsed, ranked_in, rank_timeouts = 0, None, 0
+    collapsed, ranked_in, rank_timeouts, rank_deaths = 0, None, 0, 0
     if not failed:
         key_files = layout.key_files()
         _check_work(layout, plan, shard_stats, key_files)
-        collapsed, ranked_in, rank_timeouts = _finalize(spec, plan, layout, args.top_k, key_files,
-                                                        args.ranking_timeout)
+        collapsed, ranked_in, rank_timeouts, rank_deaths = _finalize(spec, plan, layout, args.top_k, key_files,
+                                                                     args.ranking_timeout)
     finalize_s = time.perf_counter() - fin_t0
     stats = write_stats(layout, [s.name for s in plan.shards], failed, shard_stats)
     totals = _check_totals(plan, stats, failed)
     totals.update(wall_s=time.perf_counter() - t0, ray_start_s=ray_start_s, score_s=score_s,
                   actor_start_s=actor_start_s, score_after_ready_s=score_s - actor_start_s,
                   finalize_s=finalize_s, actors_replaced=replaced, shard_timeouts=timeouts,
-                  ranking_timeouts=rank_timeouts,
+                  ranking_timeouts=rank_timeouts, ranking_task_deaths=rank_deaths,
                   shards_recovered_after_crash=recovered, docs_collapsed=collapsed,
                   ranking_buckets=plan.buckets, ranking_ran_in=ranked_in,
                   # Of the actors' time on shards, the share spent driving the model (the rest: reading,
                   # splitting, de-duplicating, handing over or committing): how well the device is fed.
                   model_share=_share(sum(a[2] for a in per_actor.values()), sum(a[1] for a in per_actor.values())))
-    if replaced or timeouts or rank_timeouts or totals["retries"]:
+    if replaced or timeouts or rank_timeouts or rank_deaths or totals["retries"]:
         # A process killed mid-write (hung, or its actor lost) may have left a half-written temporary file,
         # which a reader's glob of OUT/scores/ would take in: the run's end leaves none.
         remove_temporaries(layout.root)
@@ -155,17 +155,17 @@ def _check_work(layout: OutputLayout, plan, shard_stats: dict[str, dict], key_fi
 
 
 def _finalize(spec: dict, plan, layout: OutputLayout, top_k: int | None, key_files: dict,
-              ranking_timeout: float | None) -> tuple[int, str, int]:
+              ranking_timeout: float | None) -> tuple[int, str, int, int]:
     """Rank every bucket of queries, then write each shard's final file: Ray tasks, which scale with the
     cluster (each under a time limit: jobs.watched_tasks), or the driver itself for a small job. Returns the
-    passages collapsed, where it ran, and how many ranking tasks were killed for running too long."""
+    passages collapsed, where it ran, and how many ranking tasks were killed for running too long or died."""
     names = {s.seq: s.name for s in plan.shards}
     act = spec["engine"].get("activation", "identity")  # applied to the final files; actors score logits
     by_bucket: dict[int, list[str]] = {}
     for s in plan.shards:
         for bucket, loc in key_files.get(s.name, {}).items():
             by_bucket.setdefault(bucket, []).append(loc.uri)
-    timeouts = 0
+    timeouts = deaths = 0
     if plan.total_rows <= LOCAL_RANK_ROWS:
         ranked = [rank_bucket(spec["output"], b, by_bucket.get(b, []), names, top_k, act) for b in range(plan.buckets)]
         for s in plan.shards:
@@ -173,13 +173,13 @@ def _finalize(spec: dict, plan, layout: OutputLayout, top_k: int | None, key_fil
         where = "driver"
     else:
         watch = {"setting": ranking_timeout, "fault": spec.get("fault")}
-        ranked, timeouts = run_watched(rank_bucket, [(f"ranking bucket {b}", (spec["output"], b, by_bucket.get(b, []),
-                                                      names, top_k, act)) for b in range(plan.buckets)], **watch)
+        ranked, counts = run_watched(rank_bucket, [(f"ranking bucket {b}", (spec["output"], b, by_bucket.get(b, []),
+                                                    names, top_k, act)) for b in range(plan.buckets)], **watch)
         _, more = run_watched(finish_shard, [(f"final file of shard {s.name}", (spec["output"], s.name, act))
                                              for s in plan.shards], **watch)
-        timeouts += more
+        timeouts, deaths = counts.timeouts + more.timeouts, counts.deaths + more.deaths
         where = "ray tasks"
-    return sum(r.get("docs_collapsed", 0) for r in ranked), where, timeouts
+    return sum(r.get("docs_collapsed", 0) for r in ranked), where, timeouts, deaths
 
 
 def _share(part: float, whole: float) -> float | None:
@@ -237,7 +237,8 @@ def _summary(totals: dict, per_actor: dict, quiet: bool) -> None:
         return
     wall = totals["wall_s"]
     scored = totals["rows_scored"]
-    rank_note = f", {n} task(s) timed out and ran again" if (n := totals["ranking_timeouts"]) else ""
+    rank_note = "".join(f", {n} task(s) {what}, ran again" for n, what in (
+        (totals["ranking_timeouts"], "timed out"), (totals["ranking_task_deaths"], "lost their process")) if n)
     lines = [
         "", "crossrank summary",
         f"  pairs in          {totals['rows_in']:>12,}",

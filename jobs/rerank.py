@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from jobs.driver import run_job  # imports ray: after the cheap checks, so bad input fails fast
     from jobs.pool import ActorStartError
-    from jobs.watched_tasks import RankingTimeout
+    from jobs.watched_tasks import RankingFailed
 
     try:
         result = run_job(args, spec, plan, layout, provenance)
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     except DamagedWork as e:  # raised in a Ray task, it comes wrapped: its cause holds the message
         print(f"error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
         return 1
-    except RankingTimeout as e:
+    except RankingFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     totals = result["totals"]

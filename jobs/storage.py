@@ -167,12 +167,18 @@ def list_dir(loc: Location) -> list[str]:
     return sorted(i.base_name for i in infos if TMP_MARK not in i.base_name)
 
 
+# Fault injection (tests): called between a temporary file's write and its rename, e.g. to hang there.
+before_rename = None
+
+
 def _atomic(loc: Location, write) -> None:
     parent = loc.path.rsplit("/", 1)[0]
     loc.fs.create_dir(parent, recursive=True)
     tmp = f"{parent}/{TMP_MARK}{uuid.uuid4().hex[:12]}-{loc.path.rsplit('/', 1)[1]}"
     try:
         write(tmp)
+        if before_rename is not None:
+            before_rename()
         loc.fs.move(tmp, loc.path)  # a rename on local disks and HDFS; on object stores a copy then delete
     except BaseException:
         try:

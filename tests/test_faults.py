@@ -517,21 +517,32 @@ def test_a_hung_ranking_task_is_killed_and_run_again(ray_local, tiny_model, tmp_
     assert shortlists.num_rows == 8 and {len(d) for d in shortlists["doc_ids"].to_pylist()} == {3}
 
 
-def test_ranking_tasks_run_again_when_hung_and_stop_the_job_when_always_hung(ray_local):
-    """jobs.watched_tasks on a plain function: results in call order; a task hung once is killed and runs
-    again; one hung on every attempt raises an error that names it, after its limit doubled each time."""
+@pytest.mark.slow
+def test_ranking_tasks_run_again_when_hung_and_stop_the_job_when_always_hung(ray_local, tmp_path):
+    """jobs.watched_tasks on plain functions: results in call order; a task that hangs mid-write (its
+    temporary file written, the rename never returning) is killed and runs again; one hung on every attempt
+    raises an error that names it, after its limit doubled."""
     import operator
 
-    from jobs.watched_tasks import RankingTimeout, run_watched
+    from jobs.storage import locate, write_bytes
+    from jobs.watched_tasks import RankingFailed, run_watched
 
-    calls = [(f"item {i}", (i, 3)) for i in range(5)]
+    results, counts = run_watched(operator.mul, [(f"item {i}", (i, 3)) for i in range(5)], setting=5)
+    assert results == [0, 3, 6, 9, 12] and (counts.timeouts, counts.deaths) == (0, 0)
+
+    writes = [(f"item {i}", (f"payload {i}".encode(), locate(str(tmp_path / f"{i}.txt")))) for i in range(5)]
     once = {"point": "hang_in_ranking", "shard": "item 2", "attempts": 1}
-    results, timeouts = run_watched(operator.mul, calls, setting=5, fault=once)
-    assert results == [0, 3, 6, 9, 12] and timeouts == 1
+    _, counts = run_watched(write_bytes, writes, setting=5, fault=once)
+    assert (counts.timeouts, counts.deaths) == (1, 0)
+    assert [(tmp_path / f"{i}.txt").read_text() for i in range(5)] == [f"payload {i}" for i in range(5)]
+    (left,) = [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]  # the killed write's: the job removes it
+    assert left.endswith("-2.txt")
+
     t0 = time.monotonic()
-    # Both items hang on every attempt (one per CPU).
-    with pytest.raises(RankingTimeout, match=r"item [01] ran past its limit on each of 2 attempts \(the last limit 4 s"):
-        run_watched(operator.mul, calls[:2], setting=2, attempts=2, fault={**once, "shard": "item", "attempts": 9})
+    always = {**once, "shard": "item", "attempts": 9}  # both items (one per CPU), every attempt
+    with pytest.raises(RankingFailed, match=r"item [01] failed on each of 2 attempts, the last time timed out "
+                                             r"after \d+ s \(limit 4 s"):
+        run_watched(write_bytes, writes[:2], setting=2, attempts=2, fault=always)
     assert 6 <= time.monotonic() - t0 < 60  # 2 s, then 4 s
 
 
