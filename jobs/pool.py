@@ -36,7 +36,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from jobs.commit import commit_shard
 from jobs.plan import describe_shard, shard_rows_of, source_fields
-from jobs.time_limits import PROBE_EVERY_S, commit_limit, is_ready, stall_limit
+from jobs.time_limits import PROBE_EVERY_S, commit_limit, describe, is_ready, stall_limit
 from jobs.worker import ShardWorker
 from kernels.loading import then_now
 
@@ -214,9 +214,8 @@ class ActorPool:
             stats_ref, output_ref, shard, attempt = slot.running
             slot.running = None
             self._timed_out(shard)
-            setting = "auto" if self.shard_timeout is None else f"{self.shard_timeout:g}"
             reason = (f"timed out: no sign of life from its actor for {silent:.0f} s (limit {limit:.0f} s, "
-                      f"--shard-timeout {setting}); actor killed and replaced")
+                      f"--shard-timeout {describe(self.shard_timeout)}); actor killed and replaced")
             try:
                 ray.kill(slot.handle, no_restart=True)
             except Exception:

@@ -14,26 +14,35 @@ SLOWEST_FACTOR = 20
 PROBE_EVERY_S = 5.0  # how often a busy actor is asked for its beat (more often under a short limit)
 
 
+def seconds(setting: float | None) -> float | None:
+    """A --shard-timeout or --ranking-timeout setting in seconds: None (auto) = 600, 0 = never (None)."""
+    return AUTO_TIMEOUT_S if setting is None else (setting or None)
+
+
+def describe(setting: float | None) -> str:
+    return "auto" if setting is None else f"{setting:g}"
+
+
 def stall_limit(setting: float | None) -> float | None:
     """Seconds an actor may stay silent (no batch done, no step of its shard) before it is taken for hung;
-    `setting` is --shard-timeout (None = auto, 0 = never). Silence, not duration: a shard slow in every batch
-    (long passages, a big model on a CPU) still beats, however long it takes."""
-    return AUTO_TIMEOUT_S if setting is None else (setting or None)
+    `setting` is --shard-timeout. Silence, not duration: a shard slow in every batch (long passages, a big
+    model on a CPU) still beats, however long it takes."""
+    return seconds(setting)
 
 
 def commit_limit(setting: float | None, slowest_s_per_row: float | None, rows: int) -> float | None:
     """Seconds a commit of `rows` rows may run: the stall limit, or 20x the slowest commit so far per row
     if longer (a commit cannot beat; it writes a shard's files)."""
-    base = stall_limit(setting)
-    if base is None:
-        return None
-    return max(base, SLOWEST_FACTOR * (slowest_s_per_row or 0.0) * max(rows, 1))
+    return _or_slowest(stall_limit(setting), (slowest_s_per_row or 0.0) * max(rows, 1))
 
 
 def ranking_limit(setting: float | None, slowest_s: float) -> float | None:
-    """Seconds a ranking task may run once started: --ranking-timeout (None = auto, 600; 0 = never), or 20x
-    the slowest task of its kind so far if longer (buckets are of a size, and so are shards)."""
-    base = AUTO_TIMEOUT_S if setting is None else (setting or None)
+    """Seconds a ranking task may run once started: --ranking-timeout, or 20x the slowest task of its kind so
+    far if longer (buckets are of a size, and so are shards)."""
+    return _or_slowest(seconds(setting), slowest_s)
+
+
+def _or_slowest(base: float | None, slowest_s: float) -> float | None:
     return None if base is None else max(base, SLOWEST_FACTOR * slowest_s)
 
 

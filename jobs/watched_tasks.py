@@ -19,7 +19,7 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 
 from jobs import storage
-from jobs.time_limits import PROBE_EVERY_S, is_ready, ranking_limit
+from jobs.time_limits import PROBE_EVERY_S, describe, is_ready, ranking_limit
 
 _STARTED = "started"
 SETTLE_S = 30.0  # how long killed tasks get to die before they run again
@@ -34,6 +34,9 @@ class _Task:
     index: int
     attempt: int
     started: float | None = None  # the driver's clock when its start mark arrived
+
+    def limit(self, first: float) -> float:
+        return first * 2 ** (self.attempt - 1)  # doubles on each attempt
 
 
 @dataclass
@@ -94,8 +97,8 @@ def run_watched(fn, calls: list[tuple[str, tuple]], *, setting: float | None, at
                     settle(gen, task, item)
             if limit is None:
                 continue
-            overdue = [gen for gen, t in running.items() if t.started is not None
-                       and now - t.started > limit * 2 ** (t.attempt - 1) and not is_ready(gen)]
+            overdue = [gen for gen, t in running.items()
+                       if t.started is not None and now - t.started > t.limit(limit) and not is_ready(gen)]
             for gen in overdue:  # kill them all, then let them die together: a store that hangs hangs them all
                 ray.cancel(gen, force=True)  # kills the process: its writes are atomic, a rerun of it is safe
             if overdue:
@@ -108,10 +111,9 @@ def run_watched(fn, calls: list[tuple[str, tuple]], *, setting: float | None, at
                     continue
                 del running[gen]
                 counts.timeouts += 1
-                mine = limit * 2 ** (task.attempt - 1)
-                again(task, f"timed out after {now - task.started:.0f} s (limit {mine:.0f} s, --ranking-timeout "
-                            f"{'auto' if setting is None else f'{setting:g}'}; the limit doubles on each attempt) "
-                            "and its process was killed")
+                again(task, f"timed out after {now - task.started:.0f} s (limit {task.limit(limit):.0f} s, "
+                            f"--ranking-timeout {describe(setting)}; the limit doubles on each attempt) and its "
+                            "process was killed")
     except BaseException:
         for gen in running:  # leave nothing running behind the error
             ray.cancel(gen, force=True)
