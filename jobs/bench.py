@@ -598,7 +598,8 @@ class Bench:
                 row["load_s"] = time.perf_counter() - t
                 d = eng.describe()
                 row.update(label=spec.label(d), engine=d["engine"], attention=d.get("attention"),
-                           compiled=d["compiled"], max_batch_tokens=d["max_batch_tokens"], dtype=d["dtype"])
+                           linear=d.get("linear"), compiled=d["compiled"], max_batch_tokens=d["max_batch_tokens"],
+                           dtype=d["dtype"])
                 g0 = _graphs()
                 row["warmup_s"] = eng.warmup()
                 q, docs = pairs.queries, pairs.docs

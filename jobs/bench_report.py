@@ -22,7 +22,7 @@ ROW_FIELDS: dict[str, str] = {
     "run_id": "int", "kind": "str", "label": "str", "status": "str", "error": "str",
     "model": "str", "mix": "str", "n_pairs": "int", "candidates": "int", "pairs_fingerprint": "str",
     "pair_tokens_mean": "float", "device": "str", "device_name": "str", "dtype": "str",
-    "engine": "str", "attention": "str", "compiled": "bool", "compile_mode": "str",
+    "engine": "str", "attention": "str", "linear": "str", "compiled": "bool", "compile_mode": "str",
     "max_batch_tokens": "int", "bucketing": "bool", "batch_size": "int",
     "repeats": "int", "load_s": "float", "warmup_s": "float", "first_pass_s": "float",
     "wall_s": "float", "wall_s_min": "float", "wall_s_max": "float", "wall_s_all": "list",

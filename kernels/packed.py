@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 from transformers.activations import ACT2FN
 
+from kernels.linear import Linear
 from kernels.packed_attention import FollowsWeights
 
 # model_type -> head family. "bert": pooler (dense + tanh) then `classifier` Linear. "roberta": the
@@ -241,7 +242,7 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: PackedConfig) -> None:
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size)
 
     def forward(self, x, attn, ctx, first=None) -> torch.Tensor:
         """[T, C] -> [T, C]; with `first` ([B] token rows), only those rows' outputs: [B, C]."""
@@ -256,7 +257,7 @@ class DenseAddNorm(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, eps: float) -> None:
         super().__init__()
-        self.dense = nn.Linear(d_in, d_out)
+        self.dense = Linear(d_in, d_out)
         self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
 
     def forward(self, x, residual) -> torch.Tensor:
@@ -277,7 +278,7 @@ class Attention(nn.Module):
 class Intermediate(nn.Module):
     def __init__(self, cfg: PackedConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.dense = Linear(cfg.hidden_size, cfg.intermediate_size)
         self.act = ACT2FN[cfg.hidden_act] if isinstance(cfg.hidden_act, str) else cfg.hidden_act
 
     def forward(self, x) -> torch.Tensor:
@@ -308,7 +309,7 @@ class Pooler(nn.Module):
 
     def __init__(self, cfg: PackedConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x) -> torch.Tensor:
         return torch.tanh(self.dense(x))
@@ -319,8 +320,8 @@ class RobertaHead(nn.Module):
 
     def __init__(self, cfg: PackedConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.out_proj = nn.Linear(cfg.hidden_size, cfg.num_labels)
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = Linear(cfg.hidden_size, cfg.num_labels)
 
     def forward(self, x) -> torch.Tensor:
         return self.out_proj(torch.tanh(self.dense(x)))
@@ -369,12 +370,12 @@ class PackedCrossEncoder(FollowsWeights, nn.Module):
         self.encoder = Encoder(cfg)
         if cfg.family == "bert":
             self.pooler = Pooler(cfg)
-            self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
+            self.classifier = Linear(cfg.hidden_size, cfg.num_labels)
         else:
             self.pooler = None
             self.classifier = RobertaHead(cfg)
         self._attention_choice = attention
-        self._select_attention()
+        self._select_kernels()
 
     def _attention_weight(self) -> torch.Tensor:
         return self.embeddings.word_embeddings.weight
@@ -424,7 +425,7 @@ class PackedCrossEncoder(FollowsWeights, nn.Module):
                 f"{cfg.model_type} ForSequenceClassification: {e.args[0]}"
             ) from None
         model._attention_choice = attention
-        model._select_attention()
+        model._select_kernels()
         return model.eval().requires_grad_(False)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kernels.linear import prepack as prepack_linears
+
 try:  # torch >= 2.10; the GPU box has 2.11, whose keyword arguments differ from later ones: positional only
     from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
 except ImportError:  # pragma: no cover - depends on the torch build
@@ -240,11 +242,13 @@ def check_window(attn, num_heads: int, head_dim: int, window: int, device, dtype
 
 
 class FollowsWeights:
-    """Mixin of the packed models: `self.attn` is the backend for the device and dtype of their weights,
-    chosen again whenever they move (`.to(device, dtype)`, `.cuda()`, `.half()`). A subclass names the
-    weight to look at (`_attention_weight`) and whether some layers attend through a window."""
+    """Mixin of the packed models: `self.attn` is the attention backend for the device and dtype of their
+    weights, and their `kernels.linear.Linear` layers are prepacked for it (or not), chosen again whenever
+    they move (`.to(device, dtype)`, `.cuda()`, `.half()`). A subclass names the weight to look at
+    (`_attention_weight`) and whether some layers attend through a window."""
 
     _attention_choice = "auto"
+    _linear_choice = "auto"
     windowed = False
 
     def _attention_weight(self) -> torch.Tensor:
@@ -257,13 +261,27 @@ class FollowsWeights:
                                              windowed=self.windowed)
         self.attention_backend: str = self.attn.name
 
+    def _select_kernels(self) -> None:
+        self._select_attention()
+        self.linear_backend: str = prepack_linears(self, self._linear_choice)
+
     def set_attention_backend(self, name: str):
         """Pin a backend ("auto", "torch_varlen", "flash_attn", "sdpa_padded"); ValueError if it can't run."""
         self._attention_choice = name
         self._select_attention()
         return self
 
+    def set_linear_backend(self, name: str):
+        """Pin how Linear layers run ("auto", "onednn", "aten"; see kernels.linear); ValueError if it can't."""
+        self._linear_choice = name
+        self.linear_backend = prepack_linears(self, name)
+        return self
+
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        self._select_attention()
+        self._select_kernels()
         return out
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._select_kernels()  # a deep copy or an unpickled model: prepacked weights are never copied

@@ -26,6 +26,7 @@ import torch.nn as nn
 from transformers.activations import ACT2FN
 
 from kernels.packed import UnsupportedArchitecture, load_hf_weights
+from kernels.linear import Linear
 from kernels.packed_attention import FollowsWeights
 
 
@@ -125,8 +126,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModernBertPackedConfig) -> None:
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.Wqkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.attention_bias)
-        self.Wo = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.Wqkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.attention_bias)
+        self.Wo = Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
 
     def forward(self, x, rope, attn, ctx, window, first=None) -> torch.Tensor:
         """[T, C] -> [T, C]; with `first` ([B] token rows), only those rows' outputs: [B, C]."""
@@ -145,9 +146,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModernBertPackedConfig) -> None:
         super().__init__()
-        self.Wi = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.Wi = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.act = ACT2FN[cfg.hidden_act]
-        self.Wo = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.Wo = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x) -> torch.Tensor:
         inp, gate = self.Wi(x).chunk(2, dim=-1)
@@ -183,7 +184,7 @@ class Embeddings(nn.Module):
 class Head(nn.Module):
     def __init__(self, cfg: ModernBertPackedConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.classifier_bias)
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.classifier_bias)
         self.act = ACT2FN[cfg.classifier_act]
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
@@ -201,9 +202,9 @@ class PackedModernBert(FollowsWeights, nn.Module):
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
         self.head = Head(cfg)
-        self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
+        self.classifier = Linear(cfg.hidden_size, cfg.num_labels)
         self._attention_choice = attention
-        self._select_attention()
+        self._select_kernels()
 
     def _attention_weight(self) -> torch.Tensor:
         return self.embeddings.tok_embeddings.weight
@@ -257,7 +258,7 @@ class PackedModernBert(FollowsWeights, nn.Module):
             raise UnsupportedArchitecture(f"{type(hf_model).__name__} does not have the module layout of "
                                           f"ModernBertForSequenceClassification: {e.args[0]}") from None
         model._attention_choice = attention
-        model._select_attention()
+        model._select_kernels()
         return model.eval().requires_grad_(False)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -28,8 +28,9 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=2000)
     ap.add_argument("--candidates", type=int, default=50)
     ap.add_argument("--engine", nargs="+", default=["packed", "padded"],
-                    choices=["packed", "padded", "packed-compiled", "padded-compiled"],
-                    help="engine runners; -compiled: torch.compile'd, warmed up (compiled) before any timing")
+                    choices=["packed", "padded", "packed-compiled", "padded-compiled", "packed-aten"],
+                    help="engine runners; -compiled: torch.compile'd, warmed up (compiled) before any timing; "
+                         "-aten: Linear layers on plain F.linear, not oneDNN-prepacked (kernels/linear.py)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--budget", type=int, default=None, help="engine token budget (default: the engine's)")
     ap.add_argument("--anchor-batch-size", type=int, default=32)
@@ -56,6 +57,8 @@ def main() -> None:
         eng = Engine.from_model(bundle.model, bundle.tokenizer, EngineConfig(
             device=args.device, dtype=args.dtype, engine=kind, max_batch_tokens=args.budget, max_length=bundle.max_length,
             compile=variant == "compiled"))
+        if variant == "aten":
+            eng.packed.set_linear_backend("aten")
         eng.warmup()
         runners[name] = (lambda e: lambda: e.score(pairs.queries, pairs.docs)[0])(eng)
     for fn in runners.values():  # one untimed pass each: caches, allocator, thread pools

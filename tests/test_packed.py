@@ -6,6 +6,7 @@ MiniLM-L6-H384-shaped BERT built in-process, every tensor perturbed so a dropped
 from __future__ import annotations
 
 import copy
+import pickle
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from kernels.packed import (
     position_ids_for,
     supports,
 )
-from kernels import packed_attention
+from kernels import linear, packed_attention
 from kernels.packed_attention import select_attention_backend
 
 ATOL = 1e-4
@@ -270,3 +271,29 @@ def test_dtype_and_backend_follow_the_weights(tiny):
     assert select_attention_backend("cuda", torch.float16, 12).name == "sdpa_padded"  # head_dim % 8 != 0
     with pytest.raises(ValueError):
         select_attention_backend("cpu", torch.float32, 64, prefer="torch_varlen")
+
+
+@pytest.mark.skipif(not (linear._X86 and linear._onednn_ops()), reason="needs oneDNN on x86")
+def test_linear_layers_prepack_on_cpu_and_follow_the_weights(minilm):
+    """kernels/linear.py: on an x86 CPU the MiniLM-shaped layers run prepacked for oneDNN (the parity test
+    above runs through them); the plain F.linear path agrees, and a copy or a move chooses again."""
+    packed = PackedCrossEncoder.from_hf(minilm)
+    rows, types = _pairs(minilm.config, [150, 4, 1, 57, 200, 23], seed=4)
+    assert packed.linear_backend == "onednn"
+    fast = _packed(packed, minilm.config, rows, types)
+    plain = _packed(packed.set_linear_backend("aten"), minilm.config, rows, types)
+    assert packed.linear_backend == "aten" and packed.encoder.layer[0].intermediate.dense.prepacked is None
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    packed.set_linear_backend("auto")
+
+    # A copy (deepcopy, pickle) cannot carry a oneDNN tensor, which has no storage: it prepacks its own.
+    for twin in (copy.deepcopy(packed), pickle.loads(pickle.dumps(packed))):
+        assert twin.linear_backend == "onednn" and twin.encoder.layer[0].intermediate.dense.prepacked is not None
+        torch.testing.assert_close(_packed(twin, minilm.config, rows, types), fast, atol=0, rtol=0)
+    assert not any("prepacked" in name for name in packed.state_dict())
+
+    # A move chooses again: float64 has no prepacked path, bf16 has, float32 again.
+    wide = copy.deepcopy(packed).to(torch.float64)
+    assert wide.linear_backend == "aten" and wide.encoder.layer[0].attention.self.qkv.prepacked is None
+    assert copy.deepcopy(packed).to(torch.bfloat16).linear_backend == "onednn"
+    assert wide.to(torch.float32).linear_backend == "onednn"
