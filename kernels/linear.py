@@ -9,8 +9,10 @@ MKL's 3e-6. This is what inductor's CPU weight freezing does, without compiling 
 
 `Linear` is an `nn.Linear`, so names, state dicts and `from_hf` loading stay as they were. `prepack(model)`
 fills in each `Linear`'s `prepacked` weight, or clears it, for the device and dtype the weights are on now.
-The packed models call it whenever they move (`kernels.packed_attention.FollowsWeights`). Without a
-prepacked weight, or under `torch.compile`, `Linear` is plain `F.linear`.
+The packed models call it whenever they move, are copied or load a state dict
+(`kernels.packed_attention.FollowsWeights`). Without a prepacked weight, under `torch.compile`, or once
+its weight was replaced, cast or written in place since `prepack` (`Linear.fresh`), `Linear` is plain
+`F.linear`: a stale copy never scores.
 
 The cost is a second copy of every Linear weight in CPU memory: +42 MB for MiniLM-L6, +1.2 GB for XLM-R-large.
 """
@@ -28,7 +30,7 @@ log = logging.getLogger("crossrank.engine")
 BACKENDS = ("auto", "onednn", "aten")
 # Measured on x86 only (see above); ARM builds ship oneDNN too, but nobody here has timed it there.
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
-_DTYPES = (torch.float32, torch.bfloat16)  # the engine refuses fp16 on a CPU
+_DTYPES = (torch.float32, torch.bfloat16)  # fp16 on a CPU: F.linear (the engine warns it rarely pays)
 MIN_FEATURES = 128  # see `prepack`
 
 
@@ -46,19 +48,45 @@ class Linear(nn.Linear):
     """`nn.Linear` that runs through oneDNN when `prepack` gave it a prepacked weight (CPU only)."""
 
     prepacked: torch.Tensor | None = None  # an opaque oneDNN tensor: not a parameter or buffer, never saved
+    _packed_from: tuple | None = None  # (weight, its dtype, its version) when `prepacked` was made
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # is_compiling() first: torch.compile must never see the opaque tensor (inductor freezes on its own)
-        if torch.compiler.is_compiling() or self.prepacked is None or x.device.type != "cpu":
+        if torch.compiler.is_compiling() or self.prepacked is None or x.device.type != "cpu" or not self.fresh():
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.prepacked, self.bias, "none", [], "")
 
+    def fresh(self) -> bool:
+        """True while the prepacked copy matches the weight: the same tensor, dtype and version. A weight
+        replaced, cast or written in place (`load_state_dict` copies into it) makes it stale, and a stale
+        copy is never used: F.linear runs until the next `prepack`."""
+        return self._packed_from is not None and self._packed_from == _source(self.weight)
+
     def __getstate__(self):
         # An opaque oneDNN tensor has no storage to copy or pickle: a copy starts without one and falls back
-        # to F.linear until its next `prepack` (the packed models call it whenever they move).
-        state = self.__dict__.copy()
+        # to F.linear until its next `prepack` (the packed models call it when copied, unpickled or moved).
+        state = dict(super().__getstate__())
         state.pop("prepacked", None)
+        state.pop("_packed_from", None)
         return state
+
+
+def _source(w: torch.Tensor) -> tuple:
+    try:
+        version = w._version
+    except RuntimeError:  # an inference-mode tensor keeps no version counter, and cannot be written either
+        version = None
+    return _Same(w), w.dtype, version
+
+
+class _Same:
+    """Compares by identity: `==` on tensors would compare their values."""
+
+    def __init__(self, obj) -> None:
+        self.obj = obj
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
 
 
 def prepack(model: nn.Module, choice: str = "auto") -> str:
@@ -74,10 +102,13 @@ def prepack(model: nn.Module, choice: str = "auto") -> str:
     if choice not in BACKENDS:
         raise ValueError(f"linear backend {choice!r}: choose from {BACKENDS}")
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    for m in linears:
-        m.prepacked = None
     chosen = [m for m in linears if choice == "onednn" or min(m.in_features, m.out_features) >= MIN_FEATURES]
-    if choice == "aten" or not chosen:
+    chosen = [] if choice == "aten" else chosen
+    keep = {id(m) for m in chosen}
+    for m in linears:
+        if id(m) not in keep:
+            m.prepacked = m._packed_from = None
+    if not chosen:
         return "aten"
     w = chosen[0].weight
     ops = _onednn_ops()
@@ -85,14 +116,15 @@ def prepack(model: nn.Module, choice: str = "auto") -> str:
     if why is None:
         try:
             for m in chosen:
-                m.prepacked = ops[0](m.weight.detach())
+                if m.prepacked is None or not m.fresh():  # a fresh one stays: `.to()` where the weights are
+                    m.prepacked, m._packed_from = ops[0](m.weight.detach()), _source(m.weight)
             why = _check(chosen[0])
-        except RuntimeError as e:  # a oneDNN build that refuses this shape or dtype
+        except Exception as e:  # a oneDNN build that refuses this shape or dtype, or another op signature
             why = f"{type(e).__name__}: {e}"
     if why is None:
         return "onednn"
     for m in chosen:
-        m.prepacked = None
+        m.prepacked = m._packed_from = None
     if choice == "onednn":
         raise ValueError(f"linear backend 'onednn' cannot run here: {why}")
     if w.device.type == "cpu" and w.dtype in _DTYPES and _X86:

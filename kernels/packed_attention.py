@@ -273,13 +273,18 @@ class FollowsWeights:
 
     def set_linear_backend(self, name: str):
         """Pin how Linear layers run ("auto", "onednn", "aten"; see kernels.linear); ValueError if it can't."""
+        self.linear_backend = prepack_linears(self, name)  # raises before pinning a choice that cannot run
         self._linear_choice = name
-        self.linear_backend = prepack_linears(self, name)
         return self
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         self._select_kernels()
+        return out
+
+    def load_state_dict(self, *args, **kwargs):
+        out = super().load_state_dict(*args, **kwargs)
+        self._select_kernels()  # new weight values: prepacked copies made from the old ones are stale
         return out
 
     def __setstate__(self, state):

@@ -57,3 +57,27 @@ def test_other_dtypes_devices_and_choices():
     with torch.device("meta"):
         meta = Linear(256, 256)
     assert prepack(meta) == "aten"
+
+
+@needs_onednn
+def test_a_stale_prepacked_weight_is_never_used():
+    """The prepacked copy is made once: a weight written in place, replaced or cast afterwards must not
+    score with the old values. Such a layer runs F.linear until the next `prepack`."""
+    m = _layer(256, 256)
+    assert prepack(m) == "onednn" and m.fresh()
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        m.weight.mul_(2)  # as load_state_dict's copy_ does
+    assert not m.fresh()
+    torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias), atol=1e-5, rtol=0)
+    assert prepack(m) == "onednn" and m.fresh()
+    m.weight = torch.nn.Parameter(torch.randn(256, 256), requires_grad=False)
+    assert not m.fresh()
+    torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias), atol=1e-5, rtol=0)
+    m.load_state_dict({"weight": torch.randn(256, 256), "bias": torch.randn(256)})
+    assert prepack(m) == "onednn"
+    packed_once = m.prepacked
+    assert prepack(m) == "onednn" and m.prepacked is packed_once  # still fresh: not reordered again
+    m.to(torch.bfloat16)  # a layer cast on its own: the model's hook never hears of it
+    assert not m.fresh()
+    torch.testing.assert_close(m(x.bfloat16()), F.linear(x.bfloat16(), m.weight, m.bias))

@@ -292,8 +292,22 @@ def test_linear_layers_prepack_on_cpu_and_follow_the_weights(minilm):
         torch.testing.assert_close(_packed(twin, minilm.config, rows, types), fast, atol=0, rtol=0)
     assert not any("prepacked" in name for name in packed.state_dict())
 
-    # A move chooses again: float64 has no prepacked path, bf16 has, float32 again.
+    # New weight values (load_state_dict copies into the old tensors): prepacked again from the new ones.
+    twin = copy.deepcopy(packed)
+    state = {k: v * 1.5 if k.endswith("dense.weight") else v for k, v in packed.state_dict().items()}
+    twin.load_state_dict(state)
+    assert twin.linear_backend == "onednn" and all(
+        m.fresh() for m in twin.modules() if isinstance(m, linear.Linear) and m.prepacked is not None)
+    moved = _packed(twin, minilm.config, rows, types)
+    assert not torch.allclose(moved, fast, atol=1e-3)
+    torch.testing.assert_close(moved, _packed(twin.set_linear_backend("aten"), minilm.config, rows, types),
+                               atol=1e-5, rtol=0)
+
+    # A move chooses again: float64 has no prepacked path, bf16 has (where the CPU has bf16), float32 again.
     wide = copy.deepcopy(packed).to(torch.float64)
     assert wide.linear_backend == "aten" and wide.encoder.layer[0].attention.self.qkv.prepacked is None
-    assert copy.deepcopy(packed).to(torch.bfloat16).linear_backend == "onednn"
+    with pytest.raises(ValueError, match="cannot run here"):
+        wide.set_linear_backend("onednn")  # refused, and not left pinned: the next move still works
+    bf16 = "onednn" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "aten"
+    assert copy.deepcopy(packed).to(torch.bfloat16).linear_backend == bf16
     assert wide.to(torch.float32).linear_backend == "onednn"
