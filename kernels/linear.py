@@ -60,7 +60,9 @@ class Linear(nn.Linear):
         """True while the prepacked copy matches the weight: the same tensor, dtype and version. A weight
         replaced, cast or written in place (`load_state_dict` copies into it) makes it stale, and a stale
         copy is never used: F.linear runs until the next `prepack`."""
-        return self._packed_from is not None and self._packed_from == _source(self.weight)
+        made = self._packed_from
+        w = self.weight
+        return made is not None and made[0] is w and made[1:] == (w.dtype, _version(w))
 
     def __getstate__(self):
         # An opaque oneDNN tensor has no storage to copy or pickle: a copy starts without one and falls back
@@ -71,22 +73,11 @@ class Linear(nn.Linear):
         return state
 
 
-def _source(w: torch.Tensor) -> tuple:
+def _version(w: torch.Tensor) -> int | None:
     try:
-        version = w._version
+        return w._version
     except RuntimeError:  # an inference-mode tensor keeps no version counter, and cannot be written either
-        version = None
-    return _Same(w), w.dtype, version
-
-
-class _Same:
-    """Compares by identity: `==` on tensors would compare their values."""
-
-    def __init__(self, obj) -> None:
-        self.obj = obj
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _Same) and other.obj is self.obj
+        return None
 
 
 def prepack(model: nn.Module, choice: str = "auto") -> str:
@@ -102,8 +93,8 @@ def prepack(model: nn.Module, choice: str = "auto") -> str:
     if choice not in BACKENDS:
         raise ValueError(f"linear backend {choice!r}: choose from {BACKENDS}")
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    chosen = [m for m in linears if choice == "onednn" or min(m.in_features, m.out_features) >= MIN_FEATURES]
-    chosen = [] if choice == "aten" else chosen
+    chosen = [] if choice == "aten" else [
+        m for m in linears if choice == "onednn" or min(m.in_features, m.out_features) >= MIN_FEATURES]
     keep = {id(m) for m in chosen}
     for m in linears:
         if id(m) not in keep:
@@ -112,12 +103,14 @@ def prepack(model: nn.Module, choice: str = "auto") -> str:
         return "aten"
     w = chosen[0].weight
     ops = _onednn_ops()
-    why = _unsupported(w, ops)
+    elsewhere = _not_an_x86_cpu_weight(w)  # not where prepacking is meant to run: F.linear, no warning
+    why = elsewhere or (None if ops else "this torch has no oneDNN linear")
     if why is None:
         try:
             for m in chosen:
                 if m.prepacked is None or not m.fresh():  # a fresh one stays: `.to()` where the weights are
-                    m.prepacked, m._packed_from = ops[0](m.weight.detach()), _source(m.weight)
+                    m.prepacked = ops[0](m.weight.detach())
+                    m._packed_from = (m.weight, m.weight.dtype, _version(m.weight))
             why = _check(chosen[0])
         except Exception as e:  # a oneDNN build that refuses this shape or dtype, or another op signature
             why = f"{type(e).__name__}: {e}"
@@ -127,20 +120,18 @@ def prepack(model: nn.Module, choice: str = "auto") -> str:
         m.prepacked = m._packed_from = None
     if choice == "onednn":
         raise ValueError(f"linear backend 'onednn' cannot run here: {why}")
-    if w.device.type == "cpu" and w.dtype in _DTYPES and _X86:
+    if elsewhere is None:
         log.warning("Linear layers stay on F.linear: %s", why)
     return "aten"
 
 
-def _unsupported(w: torch.Tensor, ops) -> str | None:
+def _not_an_x86_cpu_weight(w: torch.Tensor) -> str | None:
     if w.device.type != "cpu":
         return f"weights on {w.device.type}"
     if w.dtype not in _DTYPES:
         return f"{w.dtype} weights"
     if not _X86:
         return "not an x86 CPU"
-    if ops is None:
-        return "this torch has no oneDNN linear"
     return None
 
 
