@@ -246,6 +246,7 @@ class Engine:
             "engine": self.kind,
             "attention": self.attention_backend,
             "linear": getattr(self.packed, "linear_backend", "aten"),  # kernels.linear: oneDNN-prepacked or not
+            "truncation": self.encoder.truncation.rule,  # kernels.truncation: how pairs over max_length were cut
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "dtype": str(self.dtype).removeprefix("torch."),

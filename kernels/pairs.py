@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels.truncation import PairTruncation
+
 
 @dataclass(frozen=True)
 class PairTemplate:
@@ -73,30 +75,6 @@ def derive_template(tokenizer) -> PairTemplate:
     )
 
 
-def longest_first(la: np.ndarray, lb: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lengths kept of segments A and B under the `tokenizers` LongestFirst rule, vectorised.
-
-    The shorter segment is kept whole when the longer can absorb the cut; else both are cut to half the
-    budget, the longer one (or B on a tie) taking the odd token.
-    """
-    la = la.astype(np.int64)
-    lb = lb.astype(np.int64)
-    swap = la > lb
-    short = np.where(swap, lb, la)
-    long_ = np.where(swap, la, lb)
-    new_short = short.copy()
-    new_long = np.where(short > budget, short, np.maximum(short, budget - short))
-    both = new_short + new_long > budget
-    new_short = np.where(both, budget // 2, new_short)
-    new_long = np.where(both, budget // 2 + budget % 2, new_long)
-    new_short = np.minimum(new_short, short)
-    new_long = np.minimum(new_long, long_)
-    fits = la + lb <= budget
-    ka = np.where(fits, la, np.where(swap, new_long, new_short))
-    kb = np.where(fits, lb, np.where(swap, new_short, new_long))
-    return ka, kb
-
-
 def scatter_segments(dst: np.ndarray, dst_start: np.ndarray, src: np.ndarray, src_start: np.ndarray,
                       count: np.ndarray) -> None:
     """dst[dst_start[i] + j] = src[src_start[i] + j] for j < count[i], for all i, without a Python loop."""
@@ -139,6 +117,14 @@ class PairEncoder:
         # split_special_tokens=True lives on the backend, not in its JSON: carry it over
         self._rust.encode_special_tokens = tokenizer.backend_tokenizer.encode_special_tokens
         self._encode = getattr(self._rust, "encode_batch_fast", self._rust.encode_batch)
+        # Another copy that cuts pairs as tokenizer(q, d, truncation=True) does, for the pairs whose cut
+        # `tokenizers` releases disagree on (kernels/truncation.py)
+        cutter = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        cutter.no_padding()
+        cutter.enable_truncation(self.max_length, stride=0, strategy="longest_first",
+                                 direction="left" if self.keep_tail else "right")
+        cutter.encode_special_tokens = self._rust.encode_special_tokens
+        self.truncation = PairTruncation(cutter, self.max_length, self.template, self.keep_tail)
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._encode(texts, add_special_tokens=False)]
@@ -150,12 +136,15 @@ class PairEncoder:
         d_uniq, d_idx = _unique(docs)
         q = _Flat(self.encode_texts(q_uniq))
         d = _Flat(self.encode_texts(d_uniq))
-        return self.assemble(q, q_idx, d, d_idx)
+        la, lb = q.lengths[q_idx], d.lengths[d_idx]
+        ka, kb = self.truncation.kept(la, lb, lambda pairs: [(q_uniq[q_idx[i]], d_uniq[d_idx[i]]) for i in pairs])
+        return self.assemble(q, q_idx, d, d_idx, ka, kb)
 
-    def assemble(self, q: _Flat, q_idx: np.ndarray, d: _Flat, d_idx: np.ndarray) -> EncodedPairs:
+    def assemble(self, q: _Flat, q_idx: np.ndarray, d: _Flat, d_idx: np.ndarray, ka: np.ndarray,
+                 kb: np.ndarray) -> EncodedPairs:
+        """The pairs, segment A cut to `ka` tokens and B to `kb` (kernels.truncation)."""
         t = self.template
         la, lb = q.lengths[q_idx], d.lengths[d_idx]
-        ka, kb = longest_first(la, lb, self.max_length - t.num_special)
         lengths = ka + kb + t.num_special  # [N]
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from kernels.pairs import PairEncoder, derive_template, longest_first
+from kernels.pairs import PairEncoder, PairTemplate, derive_template
+from kernels import truncation
+from kernels.truncation import PairTruncation, longest_first
 from scripts.make_tiny_model import _WORDS
 
 NASTY = ["café", "naïve", "日本語", "🙂👍🏽", "مرحبا بالعالم", "e\u0301", "zero\u200bwidth", "x" * 130, "3.14", "--",
@@ -88,6 +90,36 @@ def test_longest_first_rule():
     assert kb.tolist() == [17, 3, 10, 7, 10, 10]
     ka, kb = longest_first(np.array([100, 100]), np.array([100, 99]), 21)
     assert ka.tolist() == [10, 11] and kb.tolist() == [11, 10]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 2, 1)])  # BERT's [CLS] a [SEP] b [SEP], XLM-R's <s> a </s></s> b </s>
+@pytest.mark.parametrize("max_length", [9, 12, 17])
+def test_truncation_cuts_as_the_installed_tokenizers_does(shape, max_length):
+    """Every pair of lengths up to twice max_length, in words of 1 to 4 tokens, is cut as the installed
+    `tokenizers` cuts it: the probe's grid is sparse, this one is not."""
+    template = PairTemplate(prefix=(7,) * shape[0], middle=(8,) * shape[1], suffix=(9,) * shape[2],
+                            type_a=0, type_b=1, uses_token_types=True)
+    library = truncation._probe_tokenizer(max_length, shape, False)
+    cut = PairTruncation(library, max_length, template)
+    assert cut.rule == "longest_first"  # 0.23.2 and 0.23.3 both agree with it where one segment is short
+    rng = np.random.default_rng(max_length)
+    n = np.arange(0, 2 * max_length + 3)
+    la, lb = (g.ravel() for g in np.meshgrid(n, n))
+    words = rng.integers(1, 5, size=(len(la), 2))
+    texts = [(truncation._words("a", x, wa), truncation._words("b", y, wb)) for x, y, (wa, wb) in zip(la, lb, words)]
+    got = cut.kept(la, lb, lambda idx: [texts[i] for i in idx])
+    want = truncation.kept_by(library, texts)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+def test_truncation_asks_the_library_when_it_disagrees_with_longest_first(tiny_bert, monkeypatch):
+    """A `tokenizers` release whose rule is not longest_first (simulated: the probe reports a
+    disagreement): every pair that needs a cut is handed to the library, and pairs still equal
+    tokenizer(q, d, truncation=True)."""
+    monkeypatch.setattr(truncation, "library_agrees", lambda *args: False)
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    assert PairEncoder(tok, 16).truncation.rule == "asked"
+    _check(tok, 16, *_fuzz_pairs(300, seed=7))
 
 
 def test_each_distinct_text_encoded_once(tiny_bert):
