@@ -270,6 +270,23 @@ def _find_hf_model(module: torch.nn.Module):
     return None
 
 
+# The pair encoder's exactness check cuts at this length, where most pairs lose tokens from both segments
+SHORT_MAX_LENGTH = 8
+
+
+def pair_ids_differ(tokenizer, queries: list[str], docs: list[str], max_length: int) -> int:
+    """How many pairs the engine's pair encoder encodes otherwise than `tokenizer(q, d, truncation=True,
+    max_length=...)`, under the installed `tokenizers` release (kernels/truncation.py)."""
+    from kernels.pairs import PairEncoder
+
+    enc = PairEncoder(tokenizer, max_length).encode(queries, docs)
+    bad = 0
+    for s in range(0, len(queries), 256):  # slices: the tokenizer keeps every cut pair's overflowing pieces
+        ref = tokenizer(queries[s:s + 256], docs[s:s + 256], truncation=True, max_length=max_length)["input_ids"]
+        bad += sum(enc.ids[enc.offsets[i]:enc.offsets[i + 1]].tolist() != r for i, r in enumerate(ref, start=s))
+    return bad
+
+
 def make_cross_encoder(path: str, device: torch.device, dtype: str, max_length: int):
     """sentence-transformers' CrossEncoder on `path` in `dtype`, raw logits out (identity activation).
 
@@ -763,6 +780,12 @@ class Bench:
             if not np.array_equal(a, b):
                 rows[0].update(status="error", error=f"pair lengths differ from the tokenizer's on "
                                                      f"{int((a != b).sum())} of {len(a)} pairs")
+            else:  # lengths at max_length seldom cut both segments: the ids too, where most pairs are cut
+                n = min(len(q), 1000)
+                bad = pair_ids_differ(tok, q[:n], d[:n], SHORT_MAX_LENGTH)
+                if bad:
+                    rows[0].update(status="error", error=f"pair ids differ from tokenizer(q, d, truncation=True, "
+                                                         f"max_length={SHORT_MAX_LENGTH}) on {bad} of {n} pairs")
             anchor = pps.get(runners[1][0])
             for row in rows:
                 if anchor and row["pairs_per_s"]:

@@ -9,7 +9,8 @@ configuration that overruns. Rows print as they complete and every file is rewri
 kill at any point leaves everything measured so far.
 
   1. CPU tokenization: the engine's pair encoder vs tokenizer(q, d, truncation=True), MS MARCO lengths
-     (~80 tokens a pair), MiniLM (WordPiece) and XLM-R (Unigram) tokenizers.
+     (~80 tokens a pair), MiniLM (WordPiece) and XLM-R (Unigram) tokenizers; an error row unless the pair
+     lengths agree and the ids of 1,000 pairs cut at max_length 8 too (this box's `tokenizers` release).
   2. precision, MiniLM-L6 shape: fp16 and bf16 scores of the packed and padded engines (eager) against an fp32
      reference (sentence-transformers in fp32), with sentence-transformers' own fp16/bf16 scores alongside:
      relative L2 error, mean per-query Spearman, share of queries with the same top-1.
