@@ -780,12 +780,17 @@ class Bench:
             if not np.array_equal(a, b):
                 rows[0].update(status="error", error=f"pair lengths differ from the tokenizer's on "
                                                      f"{int((a != b).sum())} of {len(a)} pairs")
-            else:  # lengths at max_length seldom cut both segments: the ids too, where most pairs are cut
+            else:  # the ids too, at the model's max_length and at one where most pairs lose tokens from both sides
                 n = min(len(q), 1000)
-                bad = pair_ids_differ(tok, q[:n], d[:n], SHORT_MAX_LENGTH)
-                if bad:
-                    rows[0].update(status="error", error=f"pair ids differ from tokenizer(q, d, truncation=True, "
-                                                         f"max_length={SHORT_MAX_LENGTH}) on {bad} of {n} pairs")
+                for length in (bundle.max_length, SHORT_MAX_LENGTH):
+                    try:
+                        bad = pair_ids_differ(tok, q[:n], d[:n], length)
+                    except Exception as e:  # noqa: BLE001 - a row, not the end of the check
+                        bad = f"{type(e).__name__}: {e}"
+                    if bad:
+                        rows[0].update(status="error", error=f"pair ids differ from tokenizer(q, d, truncation=True, "
+                                                             f"max_length={length}): {bad} of {n} pairs")
+                        break
             anchor = pps.get(runners[1][0])
             for row in rows:
                 if anchor and row["pairs_per_s"]:

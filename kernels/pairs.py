@@ -1,5 +1,6 @@
 """Pair assembly: tokenize each distinct query and passage once, then build `[CLS] q [SEP] d [SEP]`
-(or the model family's own variant) with the tokenizer's own longest-first truncation, vectorised in numpy.
+(or the model family's own variant) with the tokenizer's own longest-first truncation, vectorised in numpy
+(a pair cut on both sides is cut by the tokenizer library itself: kernels/truncation.py).
 
 Why not `tokenizer(queries, docs)`: a shortlist repeats each query 20-100 times, and the tokenizer would
 encode it again for every pair. Here every distinct text is encoded once (in Rust, in parallel), and the
@@ -111,7 +112,8 @@ class PairEncoder:
         if self.max_length <= self.template.num_special:
             raise ValueError(f"max_length {max_length} leaves no room for text")
         # A private copy of the Rust tokenizer without truncation or padding: segments are cut here.
-        self._rust = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        spec = tokenizer.backend_tokenizer.to_str()  # serialised once: a 250k-word vocabulary is megabytes
+        self._rust = Tokenizer.from_str(spec)
         self._rust.no_truncation()
         self._rust.no_padding()
         # split_special_tokens=True lives on the backend, not in its JSON: carry it over
@@ -119,7 +121,7 @@ class PairEncoder:
         self._encode = getattr(self._rust, "encode_batch_fast", self._rust.encode_batch)
         # Another copy that cuts pairs as tokenizer(q, d, truncation=True) does, for the pairs whose cut
         # `tokenizers` releases disagree on (kernels/truncation.py)
-        cutter = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        cutter = Tokenizer.from_str(spec)
         cutter.no_padding()
         cutter.enable_truncation(self.max_length, stride=0, strategy="longest_first",
                                  direction="left" if self.keep_tail else "right")
@@ -137,7 +139,7 @@ class PairEncoder:
         q = _Flat(self.encode_texts(q_uniq))
         d = _Flat(self.encode_texts(d_uniq))
         la, lb = q.lengths[q_idx], d.lengths[d_idx]
-        ka, kb = self.truncation.kept(la, lb, lambda pairs: [(q_uniq[q_idx[i]], d_uniq[d_idx[i]]) for i in pairs])
+        ka, kb = self.truncation.kept(la, lb, lambda idx: [(q_uniq[q_idx[i]], d_uniq[d_idx[i]]) for i in idx])
         return self.assemble(q, q_idx, d, d_idx, ka, kb)
 
     def assemble(self, q: _Flat, q_idx: np.ndarray, d: _Flat, d_idx: np.ndarray, ka: np.ndarray,

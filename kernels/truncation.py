@@ -2,18 +2,19 @@
 
 `tokenizer(q, d, truncation=True, max_length=L)` cuts a pair in Rust, and releases differ. 0.23.3 shares
 the budget by lengths alone (`longest_first` below). 0.23.2, the GPU box's release, first cuts each
-segment longer than L to L tokens, rounded up to the end of a word, then shares the budget: when both
-segments pass L, which one takes the odd token of an odd budget depends on where their words end (seen on
-1 pair in 8 of the fuzz tests at L=16; at L=512 only a pair whose query passes 512 tokens). So:
+segment longer than L back to L tokens, rounded up to the end of a word, then shares the budget: when both
+segments reach L, which one takes the odd token of an odd budget depends on where their words end (seen on
+1 pair in 8 of the fuzz tests at L=16; at L=512 only where both query and passage reach 512 tokens).
 
-- a pair with both segments at least L long is cut by the library itself, on the pair's own texts (rare
-  in reranking, and the one case known to depend on more than lengths: two segments cut back to L or
-  a little over compare by where their words end);
-- every other pair is cut by `longest_first`, vectorised, once a probe at start has seen the installed
-  library agree with it on a grid of lengths and word sizes around the budget and L (a throwaway
-  word-piece tokenizer: the cut depends on tokens and words, not on what they spell);
-- if the probe disagrees anywhere (a release with yet another rule), every pair that needs a cut is
-  handed to the library. Exact, and slower.
+So the rule is not assumed. At start, `probe` puts a grid of pairs (a throwaway word-piece tokenizer: the
+cut depends on tokens and words, not on what they spell) to the installed library and compares:
+
+- it agrees everywhere: every cut is `longest_first`'s, vectorised (0.23.3);
+- it agrees wherever a segment stays whole: a pair that loses tokens from both segments, where only the
+  odd token's owner, and with it any tie-break or word rule, can differ, is cut by the library itself on
+  the pair's own texts (0.23.2 with an odd budget; at L=512, pairs whose query passes ~254 tokens);
+- it disagrees even there (a release with yet another rule): every pair over the budget is handed to the
+  library. Exact, and slower.
 """
 from __future__ import annotations
 
@@ -47,17 +48,26 @@ def longest_first(la: np.ndarray, lb: np.ndarray, budget: int) -> tuple[np.ndarr
     return ka, kb
 
 
-def kept_by(truncating_tokenizer, pairs: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens of A and of B that a `tokenizers.Tokenizer` with truncation on keeps of each pair."""
+def kept_by(truncating_tokenizer, pairs: list[tuple[str, str]], pieces: np.ndarray | None = None,
+            max_pieces: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of A and of B that a `tokenizers.Tokenizer` with truncation on keeps of each pair.
+
+    The library also builds every cut pair's overflowing pieces, the product of both segments' leftover
+    chunks (one pair of 300 and 6,000 tokens cut at 16: 42,899 encodings), so pairs go in slices of at
+    most `max_pieces` by the estimate `pieces` (one pair a slice at worst).
+    """
     encode = getattr(truncating_tokenizer, "encode_batch_fast", truncating_tokenizer.encode_batch)
     ka = np.empty(len(pairs), dtype=np.int64)
     kb = np.empty(len(pairs), dtype=np.int64)
-    # In slices: the library also builds every pair's overflowing pieces, which for long texts and a
-    # short max_length ran to gigabytes in one call (tests/test_pairs.py)
-    for s in range(0, len(pairs), 256):
-        for i, e in enumerate(encode(pairs[s:s + 256]), start=s):
+    weight = np.ones(len(pairs), dtype=np.int64) if pieces is None else np.maximum(pieces, 1)
+    total = np.concatenate([[0], np.cumsum(weight)])  # total[i]: the weight of pairs before i
+    start = 0
+    while start < len(pairs):
+        end = max(start + 1, int(np.searchsorted(total, total[start] + max_pieces, side="right")) - 1)
+        for i, e in enumerate(encode(pairs[start:end]), start=start):
             seq = e.sequence_ids
             ka[i], kb[i] = seq.count(0), seq.count(1)
+        start = end
     return ka, kb
 
 
@@ -82,29 +92,35 @@ def _words(letter: str, tokens: int, word: int) -> str:
     return ((letter * word + " ") * whole + letter * rest).rstrip()
 
 
+# What `PairTruncation` asks the library about, by what the probe found
+LONGEST_FIRST = "longest_first"  # nothing: the library agreed on every probe pair
+BOTH_CUT_ASKED = "longest_first, both-cut pairs asked"  # pairs cut on both sides (tokenizers 0.23.2)
+ALL_ASKED = "asked"  # every pair over the budget
+
+
 @functools.lru_cache(maxsize=64)
-def library_agrees(max_length: int, shape: tuple[int, int, int], keep_tail: bool) -> bool:
-    """Whether the installed `tokenizers` cuts as `longest_first` every probe pair with a segment shorter
-    than max_length. Once per process and setting: tens of ms at max_length 512, ~0.6 s at 8,192."""
+def probe(max_length: int, shape: tuple[int, int, int], keep_tail: bool) -> str:
+    """How far the installed `tokenizers` cuts pairs as `longest_first` does, on a grid of lengths around
+    half the budget, the budget and max_length, in words of 1 and 3 tokens: everywhere (LONGEST_FIRST),
+    wherever a segment stays whole (BOTH_CUT_ASKED), or not even there (ALL_ASKED). Once per process and
+    setting: ~0.2 s at max_length 512, ~1.5 s at 8,192."""
     budget = max_length - sum(shape)
     h = budget // 2
-    lengths = sorted({n for n in (1, 2, h, h + 1, budget - 1, budget, budget + 1, max_length, max_length + 1,
-                                  max_length + 2) if n >= 1})
-    grid = [(x, y, w, w) for x in lengths for y in lengths for w in (1, 3) if min(x, y) < max_length]
-    la = np.array([g[0] for g in grid], dtype=np.int64)
-    lb = np.array([g[1] for g in grid], dtype=np.int64)
-    got = kept_by(_probe_tokenizer(max_length, shape, keep_tail), [(_words("a", x, wx), _words("b", y, wy))
-                                                                   for x, y, wx, wy in grid])
+    lengths = sorted({n for n in (0, 1, 2, h - 1, h, h + 1, *range(budget - 1, max_length + 3)) if n >= 0})
+    la, lb = (g.ravel() for g in np.meshgrid(lengths, lengths))
+    words = [(1, 1), (3, 1), (1, 3), (3, 3)][: 4 if max_length <= 1024 else 2]  # long probes cost: fewer
+    texts = [(_words("a", x, wa), _words("b", y, wb)) for wa, wb in words for x, y in zip(la.tolist(), lb.tolist())]
+    la, lb = np.tile(la, len(words)), np.tile(lb, len(words))
+    got = kept_by(_probe_tokenizer(max_length, shape, keep_tail), texts)
     want = longest_first(la, lb, budget)
-    return bool(np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]))
+    agree = (got[0] == want[0]) & (got[1] == want[1])
+    whole = (want[0] == la) | (want[1] == lb)
+    return LONGEST_FIRST if agree.all() else BOTH_CUT_ASKED if agree[whole].all() else ALL_ASKED
 
 
 class PairTruncation:
     """Segment lengths kept of each pair: `kept(la, lb, texts)`, with `texts(indices)` giving the
-    (query, passage) strings of the pairs the library must cut itself.
-
-    `rule` says how: "longest_first" (the library agreed on the probe; only pairs with both segments
-    at least max_length long are asked) or "asked" (it did not; every pair that needs a cut is asked).
+    (query, passage) strings of the pairs the library must cut itself; `rule` says which (see `probe`).
     """
 
     def __init__(self, truncating_tokenizer, max_length: int, template, keep_tail: bool = False):
@@ -112,15 +128,19 @@ class PairTruncation:
         self.budget = self.max_length - template.num_special
         self._tok = truncating_tokenizer
         shape = (len(template.prefix), len(template.middle), len(template.suffix))
-        self.rule = "longest_first" if library_agrees(self.max_length, shape, keep_tail) else "asked"
+        self.rule = probe(self.max_length, shape, keep_tail)  # through the module: a test stands in another library
 
     def kept(self, la: np.ndarray, lb: np.ndarray,
              texts: Callable[[np.ndarray], list[tuple[str, str]]]) -> tuple[np.ndarray, np.ndarray]:
         ka, kb = longest_first(la, lb, self.budget)
-        if self.rule == "longest_first":
-            asked = np.flatnonzero((la >= self.max_length) & (lb >= self.max_length))
+        if self.rule == LONGEST_FIRST:
+            return ka, kb
+        if self.rule == BOTH_CUT_ASKED:
+            asked = np.flatnonzero((ka < la) & (kb < lb))
         else:
             asked = np.flatnonzero(la + lb > self.budget)
         if len(asked):
-            ka[asked], kb[asked] = kept_by(self._tok, texts(asked))
+            a, b = np.maximum(ka[asked], 1), np.maximum(kb[asked], 1)
+            pieces = -(-la[asked] // a) * -(-lb[asked] // b)  # overflowing pieces, roughly
+            ka[asked], kb[asked] = kept_by(self._tok, texts(asked), pieces)
         return ka, kb
