@@ -783,13 +783,16 @@ class Bench:
             else:  # the ids too, at the model's max_length and at one where most pairs lose tokens from both sides
                 n = min(len(q), 1000)
                 for length in (bundle.max_length, SHORT_MAX_LENGTH):
+                    what = f"tokenizer(q, d, truncation=True, max_length={length})"
                     try:
                         bad = pair_ids_differ(tok, q[:n], d[:n], length)
-                    except Exception as e:  # noqa: BLE001 - a row, not the end of the check
-                        bad = f"{type(e).__name__}: {e}"
-                    if bad:
-                        rows[0].update(status="error", error=f"pair ids differ from tokenizer(q, d, truncation=True, "
-                                                             f"max_length={length}): {bad} of {n} pairs")
+                        error = f"pair ids differ from {what} on {bad} of {n} pairs" if bad else None
+                    except KeyboardInterrupt:
+                        raise
+                    except BaseException as e:  # noqa: BLE001 - a Rust panic too: a row, not the end of the check
+                        error = f"pair ids not compared with {what}: {type(e).__name__}: {e}"[:1000]
+                    if error:
+                        rows[0].update(status="error", error=" ".join(error.split()))
                         break
             anchor = pps.get(runners[1][0])
             for row in rows:

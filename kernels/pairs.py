@@ -98,7 +98,8 @@ class _Flat:
 
 
 class PairEncoder:
-    """Encodes (query, passage) pairs exactly as `tokenizer(q, d, truncation=True, max_length=L)` would."""
+    """Encodes (query, passage) pairs exactly as `tokenizer([q], [d], truncation=True, max_length=L)` would
+    (the batch call: a single-pair call drops an empty passage)."""
 
     def __init__(self, tokenizer, max_length: int):
         from tokenizers import Tokenizer  # ships with transformers

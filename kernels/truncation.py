@@ -1,6 +1,6 @@
 """Longest-first pair truncation exactly as the installed `tokenizers` does it.
 
-`tokenizer(q, d, truncation=True, max_length=L)` cuts a pair in Rust, and releases differ. 0.23.3 shares
+`tokenizer([q], [d], truncation=True, max_length=L)` cuts a pair in Rust, and releases differ. 0.23.3 shares
 the budget by lengths alone (`longest_first` below). 0.23.2, the GPU box's release, first cuts each
 segment longer than L back to L tokens, rounded up to the end of a word, then shares the budget: when both
 segments reach L, which one takes the odd token of an odd budget depends on where their words end (seen on
@@ -9,7 +9,8 @@ segments reach L, which one takes the odd token of an odd budget depends on wher
 So the rule is not assumed. At start, `probe` puts a grid of pairs (a throwaway word-piece tokenizer: the
 cut depends on tokens and words, not on what they spell) to the installed library and compares:
 
-- it agrees everywhere: every cut is `longest_first`'s, vectorised (0.23.3);
+- it agrees everywhere: every cut is `longest_first`'s, vectorised (0.23.3; 0.23.2 with an even budget,
+  where a pair cut on both sides keeps half the budget of each);
 - it agrees wherever a segment stays whole: a pair that loses tokens from both segments, where only the
   odd token's owner, and with it any tie-break or word rule, can differ, is cut by the library itself on
   the pair's own texts (0.23.2 with an odd budget; at L=512, pairs whose query passes ~254 tokens);
@@ -48,27 +49,33 @@ def longest_first(la: np.ndarray, lb: np.ndarray, budget: int) -> tuple[np.ndarr
     return ka, kb
 
 
-def kept_by(truncating_tokenizer, pairs: list[tuple[str, str]], pieces: np.ndarray | None = None,
-            max_pieces: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
+def kept_by(truncating_tokenizer, pairs: list[tuple[str, str]], pieces: np.ndarray,
+            max_tokens: int = 2_000_000) -> tuple[np.ndarray, np.ndarray]:
     """Tokens of A and of B that a `tokenizers.Tokenizer` with truncation on keeps of each pair.
 
-    The library also builds every cut pair's overflowing pieces, the product of both segments' leftover
-    chunks (one pair of 300 and 6,000 tokens cut at 16: 42,899 encodings), so pairs go in slices of at
-    most `max_pieces` by the estimate `pieces` (one pair a slice at worst).
+    The library also builds each cut pair's overflowing pieces, up to the product of both segments'
+    leftover chunks (0.23.3: 42,899 encodings for one pair of 300 and 6,000 tokens cut at 16; ~85 bytes a
+    token), so pairs go in slices of at most `max_tokens` by the estimate `pieces` (encodings of at most
+    max_length tokens each; one pair a slice at worst).
     """
     encode = getattr(truncating_tokenizer, "encode_batch_fast", truncating_tokenizer.encode_batch)
+    max_length = truncating_tokenizer.truncation["max_length"]
     ka = np.empty(len(pairs), dtype=np.int64)
     kb = np.empty(len(pairs), dtype=np.int64)
-    weight = np.ones(len(pairs), dtype=np.int64) if pieces is None else np.maximum(pieces, 1)
-    total = np.concatenate([[0], np.cumsum(weight)])  # total[i]: the weight of pairs before i
+    total = np.concatenate([[0], np.cumsum(np.maximum(pieces, 1) * max_length)])  # tokens before pair i
     start = 0
     while start < len(pairs):
-        end = max(start + 1, int(np.searchsorted(total, total[start] + max_pieces, side="right")) - 1)
+        end = max(start + 1, int(np.searchsorted(total, total[start] + max_tokens, side="right")) - 1)
         for i, e in enumerate(encode(pairs[start:end]), start=start):
             seq = e.sequence_ids
             ka[i], kb[i] = seq.count(0), seq.count(1)
         start = end
     return ka, kb
+
+
+def overflow_pieces(la: np.ndarray, lb: np.ndarray, ka: np.ndarray, kb: np.ndarray) -> np.ndarray:
+    """Encodings the library builds for pairs of lengths (la, lb) kept to (ka, kb), at most."""
+    return np.maximum(-(-la // np.maximum(ka, 1)), 1) * np.maximum(-(-lb // np.maximum(kb, 1)), 1)
 
 
 def _probe_tokenizer(max_length: int, shape: tuple[int, int, int], keep_tail: bool):
@@ -111,8 +118,8 @@ def probe(max_length: int, shape: tuple[int, int, int], keep_tail: bool) -> str:
     words = [(1, 1), (3, 1), (1, 3), (3, 3)][: 4 if max_length <= 1024 else 2]  # long probes cost: fewer
     texts = [(_words("a", x, wa), _words("b", y, wb)) for wa, wb in words for x, y in zip(la.tolist(), lb.tolist())]
     la, lb = np.tile(la, len(words)), np.tile(lb, len(words))
-    got = kept_by(_probe_tokenizer(max_length, shape, keep_tail), texts)
     want = longest_first(la, lb, budget)
+    got = kept_by(_probe_tokenizer(max_length, shape, keep_tail), texts, overflow_pieces(la, lb, *want))
     agree = (got[0] == want[0]) & (got[1] == want[1])
     whole = (want[0] == la) | (want[1] == lb)
     return LONGEST_FIRST if agree.all() else BOTH_CUT_ASKED if agree[whole].all() else ALL_ASKED
@@ -140,7 +147,6 @@ class PairTruncation:
         else:
             asked = np.flatnonzero(la + lb > self.budget)
         if len(asked):
-            a, b = np.maximum(ka[asked], 1), np.maximum(kb[asked], 1)
-            pieces = -(-la[asked] // a) * -(-lb[asked] // b)  # overflowing pieces, roughly
+            pieces = overflow_pieces(la[asked], lb[asked], ka[asked], kb[asked])
             ka[asked], kb[asked] = kept_by(self._tok, texts(asked), pieces)
         return ka, kb
