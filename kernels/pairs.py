@@ -10,6 +10,7 @@ pairs are cut and stitched with array arithmetic. `tests/test_pairs.py` proves t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -113,20 +114,22 @@ class PairEncoder:
         if self.max_length <= self.template.num_special:
             raise ValueError(f"max_length {max_length} leaves no room for text")
         # A private copy of the Rust tokenizer without truncation or padding: segments are cut here.
-        spec = tokenizer.backend_tokenizer.to_str()  # serialised once: a 250k-word vocabulary is megabytes
-        self._rust = Tokenizer.from_str(spec)
+        self._rust = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self._rust.no_truncation()
         self._rust.no_padding()
         # split_special_tokens=True lives on the backend, not in its JSON: carry it over
         self._rust.encode_special_tokens = tokenizer.backend_tokenizer.encode_special_tokens
         self._encode = getattr(self._rust, "encode_batch_fast", self._rust.encode_batch)
-        # Another copy that cuts pairs as tokenizer(q, d, truncation=True) does, for the pairs whose cut
-        # `tokenizers` releases disagree on (kernels/truncation.py)
-        cutter = Tokenizer.from_str(spec)
-        cutter.no_padding()
-        cutter.enable_truncation(self.max_length, stride=0, strategy="longest_first",
-                                 direction="left" if self.keep_tail else "right")
-        cutter.encode_special_tokens = self._rust.encode_special_tokens
+
+        def cutter():
+            """Another copy that cuts pairs as tokenizer(q, d, truncation=True) does, for the pairs whose cut
+            `tokenizers` releases disagree on; built only if the installed one disagrees (kernels/truncation.py)."""
+            tok = Tokenizer.from_str(self._rust.to_str())  # padding off already; truncation set here
+            tok.enable_truncation(self.max_length, stride=0, strategy="longest_first",
+                                  direction="left" if self.keep_tail else "right")
+            tok.encode_special_tokens = self._rust.encode_special_tokens
+            return tok
+
         self.truncation = PairTruncation(cutter, self.max_length, self.template, self.keep_tail)
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
@@ -139,15 +142,14 @@ class PairEncoder:
         d_uniq, d_idx = _unique(docs)
         q = _Flat(self.encode_texts(q_uniq))
         d = _Flat(self.encode_texts(d_uniq))
-        la, lb = q.lengths[q_idx], d.lengths[d_idx]
-        ka, kb = self.truncation.kept(la, lb, lambda idx: [(q_uniq[q_idx[i]], d_uniq[d_idx[i]]) for i in idx])
-        return self.assemble(q, q_idx, d, d_idx, ka, kb)
+        return self.assemble(q, q_idx, d, d_idx, lambda idx: [(q_uniq[q_idx[i]], d_uniq[d_idx[i]]) for i in idx])
 
-    def assemble(self, q: _Flat, q_idx: np.ndarray, d: _Flat, d_idx: np.ndarray, ka: np.ndarray,
-                 kb: np.ndarray) -> EncodedPairs:
-        """The pairs, segment A cut to `ka` tokens and B to `kb` (kernels.truncation)."""
+    def assemble(self, q: _Flat, q_idx: np.ndarray, d: _Flat, d_idx: np.ndarray,
+                 texts: Callable[[np.ndarray], list[tuple[str, str]]]) -> EncodedPairs:
+        """The pairs, cut as `self.truncation` says; `texts(indices)`: the strings of pairs it must ask about."""
         t = self.template
         la, lb = q.lengths[q_idx], d.lengths[d_idx]
+        ka, kb = self.truncation.kept(la, lb, texts)
         lengths = ka + kb + t.num_special  # [N]
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])

@@ -130,10 +130,10 @@ class PairTruncation:
     (query, passage) strings of the pairs the library must cut itself; `rule` says which (see `probe`).
     """
 
-    def __init__(self, truncating_tokenizer, max_length: int, template, keep_tail: bool = False):
+    def __init__(self, make_truncating_tokenizer: Callable, max_length: int, template, keep_tail: bool = False):
         self.max_length = int(max_length)
         self.budget = self.max_length - template.num_special
-        self._tok = truncating_tokenizer
+        self._make_tok = make_truncating_tokenizer  # called on the first pair asked: most releases never need it
         shape = (len(template.prefix), len(template.middle), len(template.suffix))
         self.rule = probe(self.max_length, shape, keep_tail)  # through the module: a test stands in another library
 
@@ -150,3 +150,7 @@ class PairTruncation:
             pieces = overflow_pieces(la[asked], lb[asked], ka[asked], kb[asked])
             ka[asked], kb[asked] = kept_by(self._tok, texts(asked), pieces)
         return ka, kb
+
+    @functools.cached_property
+    def _tok(self):
+        return self._make_tok()
